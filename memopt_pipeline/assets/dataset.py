@@ -1,0 +1,97 @@
+"""Dataset stages: the only assets that open the dataset path."""
+
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from memopt_pipeline.core.dataset import list_shards, scan_dataset
+from memopt_pipeline.core.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
+from memopt_pipeline.resources import ArtifactStore, MemoryGuard
+
+DEFAULT_DEMO_DIR = "data/demo"
+
+
+class DatasetConfig(dg.Config):
+    path: str = Field(
+        default="",
+        description="Parquet file or folder of Parquet shards (sorted by gene for best reads). "
+        "Empty: generate the demo splice-site dataset in demo_dir.",
+    )
+    gene_column: str = Field(default=GENE_COLUMN, description="Column holding the group (gene) id of each row.")
+    label_column: str = Field(default=LABEL_COLUMN, description="Column holding the class label of each row.")
+    exclude_columns: list[str] = Field(
+        default_factory=list,
+        description="Numeric columns to keep out of the features (string and id columns are excluded automatically).",
+    )
+    demo_dir: str = Field(default=DEFAULT_DEMO_DIR, description="Where the demo dataset is generated.")
+    demo_genes: int = Field(default=SyntheticSpec().n_genes, description="Genes in the generated demo dataset.")
+    demo_seed: int = Field(default=SyntheticSpec().seed, description="Seed of the generated demo dataset.")
+
+
+@dg.asset(group_name="dataset")
+def source_dataset(context: dg.AssetExecutionContext, config: DatasetConfig) -> dg.Output[dict]:
+    """The Parquet shards to train on: the configured path, or the generated demo splice-site dataset."""
+    generated = not config.path
+    if generated:
+        spec = SyntheticSpec(n_genes=config.demo_genes, seed=config.demo_seed)
+        shards = generate_dataset(config.demo_dir, spec, progress=context.log.info)
+        root = Path(config.demo_dir)
+    else:
+        root = Path(config.path)
+        shards = list_shards(root)
+    shard_paths = [str(Path(s).resolve()) for s in shards]
+    disk_bytes = sum(Path(s).stat().st_size for s in shard_paths)
+    value = {
+        "path": str(root.resolve()),
+        "shards": shard_paths,
+        "generated": generated,
+        "gene_column": config.gene_column,
+        "label_column": config.label_column,
+        "exclude_columns": list(config.exclude_columns),
+    }
+    return dg.Output(
+        value,
+        metadata={
+            "shards": len(shard_paths),
+            "disk_gb": disk_bytes / 1024**3,
+            "generated_demo": generated,
+            "dataset_path": dg.MetadataValue.path(str(root.resolve())),
+        },
+    )
+
+
+@dg.asset(group_name="dataset")
+def dataset_metadata(
+    context: dg.AssetExecutionContext, source_dataset: dict, memory_guard: MemoryGuard, artifacts: ArtifactStore
+) -> dg.Output[dict]:
+    """Rows, genes, per-gene class counts, feature list and schema drift, from footers plus the gene
+    and label columns only (features are never read here)."""
+    with memory_guard.stage(context, "dataset_metadata") as monitor:
+        metadata = scan_dataset(
+            source_dataset["shards"],
+            gene_column=source_dataset["gene_column"],
+            label_column=source_dataset["label_column"],
+            exclude_columns=source_dataset["exclude_columns"],
+            gene_stats_path=artifacts.path("dataset_metadata", "gene_stats.parquet"),
+            progress=context.log.info,
+        )
+        monitor.check()
+    drift = {s.path: s.missing_features for s in metadata.shards if s.missing_features}
+    if drift:
+        context.log.warning(f"schema drift: features missing from some shards (read as NaN there): {drift}")
+    return dg.Output(
+        metadata.to_dict(),
+        metadata={
+            "rows": metadata.n_rows,
+            "genes": metadata.n_genes,
+            "features": metadata.n_features,
+            "classes": dg.MetadataValue.json({str(c): n for c, n in zip(metadata.classes, metadata.class_counts)}),
+            "excluded_columns": dg.MetadataValue.json(metadata.excluded_columns),
+            "shards_with_missing_features": len(drift),
+            "raw_float32_gb": metadata.raw_float32_bytes / 1024**3,
+            "disk_gb": metadata.disk_bytes / 1024**3,
+            **MemoryGuard.metadata(monitor),
+        },
+    )

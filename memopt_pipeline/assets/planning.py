@@ -1,0 +1,62 @@
+"""memory_plan: the budget and the dataset's shape decide how training will fit."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from memopt_pipeline.core.dataset import DatasetMetadata
+from memopt_pipeline.core.memory import process_rss_bytes
+from memopt_pipeline.core.planner import make_plan
+from memopt_pipeline.resources import MemoryGuard
+
+GiB = 1024**3
+
+
+class PlanConfig(dg.Config):
+    num_leaves: int = Field(default=31, description="Leaves per tree (sizes the histogram pool; used by training).")
+    max_bin: int = Field(default=255, description="Histogram bins per feature (<=255 keeps one byte per binned value).")
+    batch_rows: int = Field(default=0, description="Rows per streamed batch; 0 lets the plan choose from the budget.")
+    bin_sample_rows: int = Field(default=50_000, description="Rows sampled to find histogram bin edges.")
+    safety: float = Field(default=0.85, description="Plan to this share of the budget, leaving the rest as margin.")
+
+
+@dg.asset(group_name="planning")
+def memory_plan(
+    context: dg.AssetExecutionContext, config: PlanConfig, dataset_metadata: dict, memory_guard: MemoryGuard
+) -> dg.Output[dict]:
+    """Budget x dataset shape -> rows per instance, batch rows, max_bin and the predicted peak of each stage."""
+    metadata = DatasetMetadata.from_dict(dataset_metadata)
+    budget = memory_guard.budget_bytes()
+    # The process baseline is measured, not assumed: imports alone cost ~0.3 GiB.
+    baseline = process_rss_bytes()
+    plan = make_plan(
+        dataset_rows=metadata.n_rows,
+        n_features=metadata.n_features,
+        n_classes=metadata.n_classes,
+        budget_bytes=budget,
+        baseline_bytes=baseline,
+        num_leaves=config.num_leaves,
+        max_bin=config.max_bin,
+        batch_rows=config.batch_rows or None,
+        bin_sample_rows=config.bin_sample_rows,
+        safety=config.safety,
+    )
+    context.log.info(
+        f"plan: budget {budget / GiB:.2f} GiB, baseline {baseline / GiB:.2f} GiB, up to "
+        f"{plan.max_rows_per_instance:,} rows per instance ({plan.strategy}); all {metadata.n_rows:,} rows in one "
+        f"model would need {plan.predicted_peak_full_data / GiB:.2f} GiB"
+    )
+    return dg.Output(
+        plan.to_dict(),
+        metadata={
+            "budget_gb": budget / GiB,
+            "baseline_gb": baseline / GiB,
+            "strategy": plan.strategy,
+            "max_rows_per_instance": plan.max_rows_per_instance,
+            "min_instances_full_data": plan.min_instances_full_data,
+            "batch_rows": plan.batch_rows,
+            "max_bin": plan.max_bin,
+            "predicted_peak_full_data_gb": plan.predicted_peak_full_data / GiB,
+            "predicted_peak_prediction_gb": plan.predicted_peak_prediction / GiB,
+        },
+    )

@@ -1,0 +1,129 @@
+"""Training stages: one model per instance (dynamic partition), then their ensemble."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from memopt_pipeline.assets.partitions import instance_partitions
+from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.core.boosters import BoostingParams, train_instance
+from memopt_pipeline.core.dataset import DatasetMetadata
+from memopt_pipeline.core.memory import lightgbm_callback, release_memory
+from memopt_pipeline.core.planner import MemoryPlan
+from memopt_pipeline.core.storage import atomic_path, write_json
+from memopt_pipeline.resources import ArtifactStore, MemoryGuard
+
+_DEFAULTS = BoostingParams()
+
+
+class TrainingConfig(dg.Config):
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, description="Boosting learning rate.")
+    max_rounds: int = Field(default=_DEFAULTS.max_rounds, description="Upper bound on boosting rounds in phase 1.")
+    early_stopping_rounds: int = Field(
+        default=_DEFAULTS.early_stopping_rounds, description="Phase 1 stops after this many rounds without improvement."
+    )
+    min_data_in_leaf: int = Field(default=_DEFAULTS.min_data_in_leaf, description="Minimum rows per leaf.")
+    feature_fraction: float = Field(default=_DEFAULTS.feature_fraction, description="Share of features per tree.")
+    lambda_l2: float = Field(default=_DEFAULTS.lambda_l2, description="L2 regularisation.")
+    num_threads: int = Field(default=0, description="Training threads (0 = all cores).")
+    seed: int = Field(default=0, description="Training seed.")
+
+
+@dg.asset(group_name="training", partitions_def=instance_partitions, pool="memory_heavy")
+def instance_model(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    cv_folds: dict,
+    dataset_metadata: dict,
+    memory_plan: dict,
+    memory_guard: MemoryGuard,
+    artifacts: ArtifactStore,
+) -> dg.Output[dict]:
+    """Phase 1: gene-aware k-fold early stopping finds the number of rounds; phase 2: refit on all of
+    the instance's genes with that many rounds. Rows stream from the batch reader into LightGBM bins."""
+    metadata = DatasetMetadata.from_dict(dataset_metadata)
+    plan = MemoryPlan.from_dict(memory_plan)
+    params = BoostingParams(
+        learning_rate=config.learning_rate,
+        num_leaves=plan.num_leaves,
+        max_bin=plan.max_bin,
+        min_data_in_leaf=config.min_data_in_leaf,
+        feature_fraction=config.feature_fraction,
+        lambda_l2=config.lambda_l2,
+        max_rounds=config.max_rounds,
+        early_stopping_rounds=config.early_stopping_rounds,
+        num_threads=config.num_threads,
+        seed=config.seed,
+    )
+    fold_of_gene = cv_folds["fold_of_gene"]
+    with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
+        reader = BatchReader(metadata, checkpoint=monitor.check)
+        training = train_instance(
+            reader,
+            fold_of_gene,
+            params=params,
+            batch_rows=plan.batch_rows,
+            bin_sample_rows=plan.bin_sample_rows,
+            callbacks=[lightgbm_callback(monitor)],
+            log=context.log.info,
+            release=release_memory,
+        )
+        model_path = artifacts.path("instance_model", context.partition_key, "model.txt")
+        with atomic_path(model_path) as tmp:
+            training.booster.save_model(str(tmp))
+    fold_summary = training.fold_summary()
+    card = {
+        "partition": context.partition_key,
+        "model_path": str(model_path),
+        "model_format": "lightgbm-text",
+        "features": metadata.features,
+        "classes": metadata.classes,
+        "params": params.to_dict(),
+        "num_rounds": training.num_rounds,
+        "train_genes": training.train_genes,
+        "train_rows": training.train_rows,
+        "rows_read": reader.stats.rows_read,
+        **fold_summary,
+    }
+    write_json(model_path.with_name("model_card.json"), card)
+    return dg.Output(
+        card,
+        metadata={
+            "num_rounds": training.num_rounds,
+            "cv_logloss_mean": fold_summary["cv_logloss_mean"],
+            "cv_logloss_std": fold_summary["cv_logloss_std"],
+            "train_rows": training.train_rows,
+            "train_genes": training.train_genes,
+            "rows_read": reader.stats.rows_read,
+            "model_path": dg.MetadataValue.path(str(model_path)),
+            **MemoryGuard.metadata(monitor, predicted_peak_bytes=plan.training_peak(training.train_rows)),
+        },
+    )
+
+
+@dg.asset(group_name="training")
+def ensemble_model(context: dg.AssetExecutionContext, instance_model: dict, instance_assignment: dict, gene_split: dict) -> dg.Output[dict]:
+    """All instance models, averaged; checks that together they cover 100% of the training genes."""
+    expected = set(instance_assignment["instances"])
+    present = set(instance_model)
+    if expected - present:
+        raise dg.Failure(
+            f"instance_model is missing partitions {sorted(expected - present)}; materialize them before the ensemble"
+        )
+    members = [
+        {"partition": key, "model_path": instance_model[key]["model_path"], "weight": 1.0} for key in sorted(expected)
+    ]
+    covered = set().union(*(set(instance_assignment["instances"][k]["genes"]) for k in expected))
+    coverage = len(covered & set(gene_split["train_genes"])) / len(gene_split["train_genes"])
+    if coverage < 1.0:
+        raise dg.Failure(f"instance models cover only {coverage:.1%} of the training genes; re-run instance_assignment")
+    return dg.Output(
+        {"members": members, "coverage": coverage},
+        metadata={
+            "instances": len(members),
+            "gene_coverage": coverage,
+            "per_instance_cv_logloss": dg.MetadataValue.json(
+                {k: instance_model[k]["cv_logloss_mean"] for k in sorted(expected)}
+            ),
+        },
+    )

@@ -1,0 +1,73 @@
+"""Streamed holdout evaluation: predictions chunk by chunk, written incrementally.
+
+Only one batch of features is in memory at a time; what is kept for the metrics is one
+label and one probability vector per row (rows * classes * 8 bytes).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Collection
+
+import numpy as np
+import pyarrow as pa
+
+from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.core.ensemble import Ensemble
+from memopt_pipeline.core.metrics import multiclass_metrics
+from memopt_pipeline.core.storage import IncrementalParquetWriter
+
+
+def _probability_columns(classes: list) -> list[str]:
+    return [f"p_{c}" for c in classes]
+
+
+def evaluate_holdout(
+    ensemble: Ensemble,
+    reader: BatchReader,
+    genes: Collection[str],
+    *,
+    batch_rows: int,
+    predictions_path: str | Path,
+    log: Callable[[str], None] = lambda message: None,
+    log_every_seconds: float = 10.0,
+) -> dict:
+    metadata = reader.metadata
+    total_rows = reader.count_rows(genes)
+    labels_parts: list[np.ndarray] = []
+    proba_parts: list[np.ndarray] = []
+    probability_columns = _probability_columns(metadata.classes)
+    writer: IncrementalParquetWriter | None = None
+    started = last_log = time.monotonic()
+    done = 0
+    try:
+        for batch in reader.iter_batches(genes, batch_rows, with_ids=True):
+            proba = ensemble.predict_proba(batch.features)
+            table = batch.ids.append_column("label", pa.array(batch.labels))
+            for j, name in enumerate(probability_columns):
+                table = table.append_column(name, pa.array(proba[:, j].astype(np.float32)))
+            if writer is None:
+                writer = IncrementalParquetWriter(predictions_path, table.schema)
+            writer.write(table)
+            labels_parts.append(batch.labels)
+            proba_parts.append(proba.astype(np.float32))
+            done += len(batch.labels)
+            now = time.monotonic()
+            if now - last_log >= log_every_seconds:
+                rate = done / (now - started)
+                log(f"holdout: {done:,}/{total_rows:,} rows ({rate:,.0f} rows/s, ~{(total_rows - done) / rate:.0f} s left)")
+                last_log = now
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        raise ValueError("the holdout genes have no rows; check gene_split")
+    writer.close()
+    labels = np.concatenate(labels_parts)
+    proba = np.concatenate(proba_parts)
+    metrics = multiclass_metrics(labels, proba, metadata.classes)
+    metrics["genes"] = len(genes)
+    metrics["seconds"] = time.monotonic() - started
+    return metrics

@@ -1,0 +1,121 @@
+"""Atomic, pickle-free persistence for pipeline artifacts.
+
+Every write goes to a temporary file in the destination folder and is renamed into place,
+so a crash (or an out-of-memory kill) half-way never leaves a truncated file where a
+previous good checkpoint used to be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``destination``; rename it into place on success.
+
+    The temporary file lives in the same directory so ``os.replace`` is atomic. On error
+    the temporary file is removed and ``destination`` is left untouched.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    os.close(fd)
+    tmp_path = Path(tmp_name)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, destination)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and paths show up in metadata dicts; convert rather than fail.
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/inf; store them as null so every JSON reader can load the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as pretty, key-sorted JSON (deterministic bytes), atomically."""
+    path = Path(path)
+    text = json.dumps(_finite_or_none(payload), indent=1, sort_keys=True, default=_json_default)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; materialize the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> Path:
+    """Write one Arrow table to Parquet atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+class IncrementalParquetWriter:
+    """Append record batches to a Parquet file that only appears, whole, on ``close()``.
+
+    Used for outputs produced chunk by chunk (holdout predictions), so memory is bounded
+    by one chunk and a failure half-way leaves the previous file in place.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema):
+        self.path = Path(path)
+        self._context = atomic_path(self.path)
+        self._tmp = self._context.__enter__()
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        self.rows_written = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+        self.rows_written += table.num_rows
+
+    def close(self) -> Path:
+        self._writer.close()
+        self._context.__exit__(None, None, None)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file; the destination keeps its previous content."""
+        self._writer.close()
+        self._context.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> "IncrementalParquetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,90 @@
+"""MemoryGuard: the Dagster resource every heavy asset runs under.
+
+It resolves the budget, opens a :class:`~memopt_pipeline.core.memory.StageMonitor` around
+the stage (background RSS sampler + cooperative check points that raise
+MemoryBudgetExceeded), cleans up afterwards (gc, malloc_trim, Arrow pool, GPU caches) and
+turns the measurements into numeric materialization metadata the UI can plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import dagster as dg
+from pydantic import Field
+
+from memopt_pipeline.core import memory
+from memopt_pipeline.core.gpu import gpu_status
+
+GiB = 1024**3
+
+
+class MemoryGuard(dg.ConfigurableResource):
+    """Enforces a memory budget on each stage and records peak RSS against it."""
+
+    budget_gb: float | None = Field(
+        default=None,
+        description="Memory budget in GiB for one step process. Empty: budget_fraction of the machine's "
+        "(or container's) memory.",
+    )
+    budget_fraction: float = Field(
+        default=0.6, description="Share of available memory used as the budget when budget_gb is empty."
+    )
+    cleanup_fraction: float = Field(
+        default=0.7, description="Above this share of the budget, free caches (gc, malloc_trim, Arrow pool)."
+    )
+    abort_fraction: float = Field(
+        default=0.9,
+        description="Above this share of the budget, the stage stops at its next check point with "
+        "MemoryBudgetExceeded (retryable) instead of being killed by the OS.",
+    )
+    sample_interval_s: float = Field(default=0.1, description="Seconds between background RSS samples.")
+
+    def budget_bytes(self) -> int:
+        return memory.resolve_budget_bytes(self.budget_gb, self.budget_fraction)
+
+    @contextlib.contextmanager
+    def stage(self, context: dg.AssetExecutionContext, name: str, advice: str = "") -> Iterator[memory.StageMonitor]:
+        """Monitor one stage; cleanup runs when it ends, whether it succeeded or failed."""
+        budget = self.budget_bytes()
+        monitor = memory.StageMonitor(
+            name,
+            budget,
+            memory.Thresholds(cleanup=self.cleanup_fraction, abort=self.abort_fraction),
+            interval_s=self.sample_interval_s,
+            on_cleanup=lambda freed: context.log.info(
+                f"{name}: RSS passed {self.cleanup_fraction:.0%} of the budget; cleanup freed "
+                f"{freed.get('freed_bytes', 0) / GiB:.3f} GiB"
+            ),
+            advice=advice,
+        )
+        context.log.info(
+            f"{name}: budget {budget / GiB:.2f} GiB, RSS now {memory.process_rss_bytes() / GiB:.2f} GiB"
+        )
+        try:
+            with monitor:
+                yield monitor
+        finally:
+            memory.release_memory()
+
+    @staticmethod
+    def metadata(monitor: memory.StageMonitor, predicted_peak_bytes: int | None = None) -> dict:
+        """Numeric metadata (plottable in the UI) of a finished stage."""
+        summary = monitor.summary()
+        values: dict = {
+            "peak_rss_gb": float(summary["peak_rss_gb"]),
+            "budget_gb": float(summary["budget_gb"]),
+            "headroom_gb": float(summary["headroom_gb"]),
+            "start_rss_gb": float(summary["start_rss_gb"]),
+            "stage_seconds": float(summary["duration_s"]),
+            "cleanups": int(summary["cleanups"]),
+            "peak_source": str(summary["peak_source"]),
+        }
+        if predicted_peak_bytes is not None:
+            predicted = predicted_peak_bytes / GiB
+            values["predicted_peak_gb"] = float(predicted)
+            values["plan_error_gb"] = float(summary["peak_rss_gb"] - predicted)
+        gpu = gpu_status()
+        values["gpu"] = f"{gpu.used_bytes / GiB:.2f}/{gpu.total_bytes / GiB:.2f} GiB" if gpu.available else gpu.reason
+        return values

@@ -1,0 +1,89 @@
+"""The whole graph on a tiny generated dataset, through Dagster, in one test session."""
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from memopt_pipeline.automation.local_run import materialize_pipeline
+from memopt_pipeline.core.storage import read_json
+from memopt_pipeline.definitions import build_resources
+
+HEAVY_STAGES = ("dataset_metadata", "instance_model [instance_0]", "instance_model [instance_1]", "holdout_evaluation", "shap_summary")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("output")
+    run_config = {
+        "ops": {
+            "source_dataset": {"config": {"path": str(tiny_dataset)}},
+            "gene_split": {"config": {"sample_genes": 30, "holdout_fraction": 0.25}},
+            "instance_assignment": {"config": {"n_instances": 2, "overlap": 0.1}},
+            "cv_folds": {"config": {"n_folds": 2}},
+            "instance_model": {"config": {"max_rounds": 40, "early_stopping_rounds": 5, "min_data_in_leaf": 5, "num_threads": 2}},
+            "shap_summary": {"config": {"sample_rows": 300, "chunk_rows": 100}},
+        }
+    }
+    with dg.instance_for_test() as instance:
+        collected = materialize_pipeline(
+            instance, resources=build_resources(output_dir=str(output)), run_config=run_config, log=lambda m: None
+        )
+        yield collected, output
+
+
+def test_every_asset_and_partition_materialized(pipeline_run):
+    collected, _ = pipeline_run
+    expected = {
+        "source_dataset", "dataset_metadata", "memory_plan", "gene_split", "instance_assignment",
+        "cv_folds [instance_0]", "cv_folds [instance_1]", "instance_model [instance_0]", "instance_model [instance_1]",
+        "ensemble_model", "holdout_evaluation", "shap_summary",
+    }
+    assert {k for k in collected if not k.startswith("check ")} == expected
+
+
+def test_heavy_stages_record_memory_metadata(pipeline_run):
+    collected, _ = pipeline_run
+    for stage in HEAVY_STAGES:
+        meta = collected[stage]
+        assert 0 < meta["peak_rss_gb"] < meta["budget_gb"], stage
+        assert meta["headroom_gb"] == pytest.approx(meta["budget_gb"] - meta["peak_rss_gb"]), stage
+    assert collected["instance_model [instance_0]"]["predicted_peak_gb"] > 0
+
+
+def test_holdout_beats_the_class_prior_and_the_check_passed(pipeline_run):
+    collected, _ = pipeline_run
+    holdout = collected["holdout_evaluation"]
+    assert holdout["logloss"] < holdout["baseline_logloss"]
+    assert holdout["donor_pr_auc"] > 2 * holdout["donor_prevalence"]
+    assert holdout["acceptor_pr_auc"] > 2 * holdout["acceptor_prevalence"]
+    assert collected["check holdout_beats_class_prior"] == {"passed": True}
+
+
+def test_ensemble_covers_all_training_genes(pipeline_run):
+    collected, _ = pipeline_run
+    assert collected["ensemble_model"]["instances"] == 2
+    assert collected["ensemble_model"]["gene_coverage"] == 1.0
+
+
+def test_stages_read_only_the_sampled_genes(pipeline_run, tiny_metadata):
+    collected, output = pipeline_run
+    split = read_json(output / "assets" / "gene_split.json")
+    assignment = read_json(output / "assets" / "instance_assignment.json")
+    stats = tiny_metadata.read_gene_stats()
+    rows_of = lambda genes: int(stats.filter(pl.col("gene").is_in(genes))["rows"].sum())  # noqa: E731
+    assert split["sampled_genes"] == 30 < tiny_metadata.n_genes
+    assert collected["holdout_evaluation"]["holdout_rows"] == rows_of(split["holdout_genes"])
+    for key, instance in assignment["instances"].items():
+        card = read_json(output / "assets" / "instance_model" / f"{key}.json")
+        # Each fold reads its training and validation genes once for labels and twice for
+        # LightGBM's two passes; the refit the same: never rows outside the instance.
+        assert card["train_rows"] == instance["rows"]
+        assert set(instance["genes"]) <= set(split["train_genes"])
+
+
+def test_artifacts_are_native_formats(pipeline_run):
+    _, output = pipeline_run
+    model = output / "artifacts" / "instance_model" / "instance_0" / "model.txt"
+    assert model.read_text().startswith("tree")
+    assert not list(output.rglob("*.pkl")) and not list(output.rglob("*.pickle"))
+    assert (output / "artifacts" / "holdout_evaluation" / "predictions.parquet").exists()

@@ -1,0 +1,25 @@
+import math
+
+import numpy as np
+
+from memopt_pipeline.core.metrics import multiclass_metrics
+
+
+def test_perfect_and_prior_predictions():
+    labels = np.array([0, 0, 0, 1, 2, 0])
+    perfect = np.eye(3)[labels]
+    result = multiclass_metrics(labels, perfect, ["neither", "donor", "acceptor"])
+    assert result["logloss"] < 1e-6
+    assert result["per_class"]["donor"]["pr_auc"] == 1.0
+    prior = np.tile(np.bincount(labels, minlength=3) / len(labels), (len(labels), 1))
+    baseline = multiclass_metrics(labels, prior, ["neither", "donor", "acceptor"])
+    assert math.isclose(baseline["logloss"], baseline["baseline_logloss"], rel_tol=1e-9)
+    assert baseline["per_class"]["donor"]["prevalence"] == 1 / 6
+
+
+def test_absent_class_has_nan_ranking_metrics():
+    labels = np.array([0, 1, 0, 1])
+    proba = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.7, 0.3, 0.0], [0.4, 0.6, 0.0]])
+    result = multiclass_metrics(labels, proba, [0, 1, 2])
+    assert math.isnan(result["per_class"]["2"]["pr_auc"])
+    assert result["per_class"]["1"]["roc_auc"] == 1.0

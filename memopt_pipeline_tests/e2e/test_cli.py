@@ -1,0 +1,42 @@
+"""`memopt run` end to end: persistent instance, every partition, summary printed."""
+
+import dagster as dg
+
+from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
+from memopt_pipeline.cli import main
+
+
+def test_memopt_run_materializes_everything_into_the_instance(tiny_dataset, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    exit_code = main(
+        [
+            "run", "--data", str(tiny_dataset), "--output", str(tmp_path / "out"), "--budget-gb", "4",
+            "--instances", "2", "--folds", "2", "--max-rounds", "30",
+        ]
+    )
+    assert exit_code == 0
+    printed = capsys.readouterr().out
+    assert "instance_model [instance_1]" in printed
+    assert "donor      PR-AUC" in printed and "logloss" in printed
+    assert "budget GiB" in printed and " 4.00 " in printed
+
+    # A later `dagster dev` on the same DAGSTER_HOME sees these materializations.
+    with dg.DagsterInstance.get() as instance:
+        assert sorted(instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME)) == ["instance_0", "instance_1"]
+        for key in ("source_dataset", "dataset_metadata", "memory_plan", "ensemble_model", "holdout_evaluation", "shap_summary"):
+            assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+        partitions = instance.get_materialized_partitions(dg.AssetKey("instance_model"))
+        assert partitions == {"instance_0", "instance_1"}
+    assert (tmp_path / "out" / "artifacts" / "instance_model" / "instance_1" / "model.txt").exists()
+
+
+def test_memopt_run_reports_a_bad_dataset_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    exit_code = main(["run", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
+    assert exit_code == 1
+    error = capsys.readouterr().err
+    assert "DatasetError" in error and "missing does not exist" in error
