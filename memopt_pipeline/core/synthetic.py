@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from memopt_pipeline.core.storage import atomic_path, write_json
 
 LABELS = ("neither", "donor", "acceptor")  # class index = position in this tuple
+_NEITHER, _DONOR, _ACCEPTOR = range(len(LABELS))
 GENE_COLUMN = "gene_id"
 LABEL_COLUMN = "splice_type"
 SCORE_COLUMNS = ("donor_score", "acceptor_score")
@@ -95,7 +96,7 @@ _LOGIT_CLIP = 15.0  # keeps float32 scores strictly inside (0, 1)
 class SyntheticSpec:
     """Shape of a generated dataset; equal specs give byte-identical shards."""
 
-    n_genes: int = 150
+    n_genes: int = 500
     mean_gene_length: int = 4000  # bp, per gene drawn around this
     mean_exons: int = 6  # exons per gene (>=2), drawn around this
     neither_per_site: float = 6.0  # "neither" rows sampled per true splice site
@@ -339,9 +340,9 @@ def _sample_rows(spec: SyntheticSpec, gene: SimulatedGene, rng: np.random.Genera
 
     positions = np.concatenate((gene.donors, gene.acceptors, near, cryptic, decoys, far))
     labels = np.concatenate((
-        np.full(gene.donors.size, 1, np.int8),
-        np.full(gene.acceptors.size, 2, np.int8),
-        np.zeros(positions.size - sites.size, np.int8),
+        np.full(gene.donors.size, _DONOR, np.int8),
+        np.full(gene.acceptors.size, _ACCEPTOR, np.int8),
+        np.full(positions.size - sites.size, _NEITHER, np.int8),
     ))
     order = np.argsort(positions)
     return positions[order], labels[order]
@@ -368,7 +369,7 @@ def _kmer_counts(spec: SyntheticSpec, sequence: np.ndarray, positions: np.ndarra
 def _scores(labels: np.ndarray, positions: np.ndarray, gene: SimulatedGene, noise: float, rng: np.random.Generator) -> np.ndarray:
     """Noisy base-model donor/acceptor scores in (0, 1); cryptic sites fool the base model a little."""
     columns = []
-    for class_index, cryptic in ((1, gene.cryptic_donors), (2, gene.cryptic_acceptors)):
+    for class_index, cryptic in ((_DONOR, gene.cryptic_donors), (_ACCEPTOR, gene.cryptic_acceptors)):
         logit = (
             _SCORE_SHIFT * (labels == class_index)
             + _SCORE_CRYPTIC_SHIFT * np.isin(positions, cryptic)
