@@ -40,7 +40,7 @@ def holdout_evaluation(
     plan = MemoryPlan.from_dict(memory_plan)
     with memory_guard.stage(context, "holdout_evaluation") as monitor:
         ensemble = _load_ensemble(ensemble_model)
-        reader = BatchReader(metadata, checkpoint=monitor.check)
+        reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
         predictions_path = artifacts.path("holdout_evaluation", "predictions.parquet")
         metrics = evaluate_holdout(
             ensemble,
@@ -48,7 +48,6 @@ def holdout_evaluation(
             gene_split["holdout_genes"],
             batch_rows=config.batch_rows or plan.batch_rows,
             predictions_path=predictions_path,
-            log=context.log.info,
         )
     metrics["predictions_path"] = str(predictions_path)
     metrics["rows_read"] = reader.stats.rows_read
@@ -106,7 +105,7 @@ def shap_summary(
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     with memory_guard.stage(context, "shap_summary") as monitor:
         ensemble = _load_ensemble(ensemble_model)
-        reader = BatchReader(metadata, checkpoint=monitor.check)
+        reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
         summary = chunked_shap(
             ensemble,
             reader,

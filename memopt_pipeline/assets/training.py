@@ -57,7 +57,7 @@ def instance_model(
     )
     fold_of_gene = cv_folds["fold_of_gene"]
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
-        reader = BatchReader(metadata, checkpoint=monitor.check)
+        reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
         training = train_instance(
             reader,
             fold_of_gene,

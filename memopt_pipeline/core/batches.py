@@ -18,7 +18,7 @@ Order is deterministic (shard order, then row order), so two passes over the sam
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memopt_pipeline.core.dataset import DatasetError, DatasetMetadata
+from memopt_pipeline.core.progress import RowProgress
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ReadStats:
     bytes_read: int = 0  # bytes of the delivered float32 matrices
     batches: int = 0
     passes: int = 0
+    genes_requested: set = field(default_factory=set)  # every gene any pass asked for
 
 
 class BatchReader:
@@ -56,12 +58,19 @@ class BatchReader:
         *,
         checkpoint: Callable[[], None] | None = None,
         id_columns: tuple[str, ...] = ("position",),
+        log: Callable[[str], None] | None = None,
+        budget_bytes: int | None = None,
     ):
+        """``checkpoint`` runs after every batch (the memory guard's check); with ``log``, long
+        passes report progress (rows of total, rows/s, time left, RSS against ``budget_bytes``)."""
         self.metadata = metadata
         self.checkpoint = checkpoint
         self.id_columns = id_columns
+        self.log = log
+        self.budget_bytes = budget_bytes
         self.stats = ReadStats()
         self._class_values = pa.array(metadata.classes)
+        self._gene_rows: dict[str, int] | None = None
 
     # -- public API -----------------------------------------------------------------------
     def iter_batches(
@@ -71,27 +80,30 @@ class BatchReader:
         *,
         features: list[str] | None = None,
         with_ids: bool = False,
+        purpose: str = "reading rows",
     ) -> Iterator[Batch]:
         """Yield :class:`Batch` objects with the rows of ``genes``, at most ``batch_rows`` each."""
         if batch_rows <= 0:
             raise ValueError(f"batch_rows must be positive, got {batch_rows}")
         features = list(self.metadata.features if features is None else features)
-        yield from self._scan(genes, batch_rows, features, with_ids=with_ids)
+        yield from self._scan(genes, batch_rows, features, with_ids=with_ids, purpose=purpose)
 
     def read_labels(self, genes: Collection[str], batch_rows: int = 1_000_000) -> np.ndarray:
         """All class indices of ``genes`` in reader order (one int32 per row)."""
-        parts = [batch.labels for batch in self._scan(genes, batch_rows, [], with_ids=False)]
+        parts = [batch.labels for batch in self._scan(genes, batch_rows, [], with_ids=False, purpose="reading labels")]
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
     def count_rows(self, genes: Collection[str]) -> int:
         """Rows of ``genes`` according to the metadata's per-gene statistics (no data read)."""
-        import polars as pl
-
-        stats = self.metadata.read_gene_stats()
-        return int(stats.filter(pl.col("gene").is_in(list(genes)))["rows"].sum())
+        if self._gene_rows is None:
+            stats = self.metadata.read_gene_stats()
+            self._gene_rows = dict(zip(stats["gene"].to_list(), stats["rows"].to_list()))
+        return int(sum(self._gene_rows.get(str(g), 0) for g in genes))
 
     # -- internals ------------------------------------------------------------------------
-    def _scan(self, genes: Collection[str], batch_rows: int, features: list[str], *, with_ids: bool) -> Iterator[Batch]:
+    def _scan(
+        self, genes: Collection[str], batch_rows: int, features: list[str], *, with_ids: bool, purpose: str
+    ) -> Iterator[Batch]:
         gene_column = self.metadata.gene_column
         label_column = self.metadata.label_column
         wanted_sorted = sorted(str(g) for g in genes)
@@ -99,6 +111,10 @@ class BatchReader:
             return
         wanted = pa.array(wanted_sorted, type=pa.string())
         self.stats.passes += 1
+        self.stats.genes_requested.update(wanted_sorted)
+        progress = None
+        if self.log is not None:
+            progress = RowProgress(purpose, self.count_rows(wanted_sorted), self.log, budget_bytes=self.budget_bytes)
 
         for shard in self.metadata.shards:
             path = Path(shard.path)
@@ -119,7 +135,10 @@ class BatchReader:
                     selected = record_batch.filter(mask)
                     if selected.num_rows == 0:
                         continue
-                    yield self._to_batch(selected, path, features, present, ids, with_ids)
+                    batch = self._to_batch(selected, path, features, present, ids, with_ids)
+                    if progress is not None:
+                        progress.advance(selected.num_rows)
+                    yield batch
 
     def _to_batch(
         self,

@@ -132,11 +132,12 @@ def build_dataset(
     batch_rows: int,
     lgb_params: dict,
     reference: lgb.Dataset | None = None,
+    purpose: str = "binning",
 ) -> lgb.Dataset:
     """Binned LightGBM Dataset of ``genes``' rows, streamed; labels read in a light first pass."""
     labels = reader.read_labels(genes)
     rows = StreamingRows(
-        lambda: (batch.features for batch in reader.iter_batches(genes, batch_rows)),
+        lambda: (batch.features for batch in reader.iter_batches(genes, batch_rows, purpose=purpose)),
         n_rows=len(labels),
         batch_size=batch_rows,
     )
@@ -219,8 +220,13 @@ def train_instance(
         valid_genes = [g for g in all_genes if fold_of_gene[g] == fold]
         train_genes = [g for g in all_genes if fold_of_gene[g] != fold]
         log(f"phase 1, fold {fold + 1}/{len(folds)}: binning {len(train_genes)} training genes")
-        train_set = build_dataset(reader, train_genes, batch_rows=batch_rows, lgb_params=lgb_params)
-        valid_set = build_dataset(reader, valid_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=train_set)
+        train_set = build_dataset(
+            reader, train_genes, batch_rows=batch_rows, lgb_params=lgb_params, purpose=f"fold {fold + 1} binning train"
+        )
+        valid_set = build_dataset(
+            reader, valid_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=train_set,
+            purpose=f"fold {fold + 1} binning valid",
+        )
         booster = lgb.train(
             lgb_params,
             train_set,
@@ -254,7 +260,7 @@ def train_instance(
 
     num_rounds = max(1, int(round(np.mean([r.best_iteration for r in results]))))
     log(f"phase 2: refit on all {len(all_genes)} genes for {num_rounds} rounds")
-    full_set = build_dataset(reader, all_genes, batch_rows=batch_rows, lgb_params=lgb_params)
+    full_set = build_dataset(reader, all_genes, batch_rows=batch_rows, lgb_params=lgb_params, purpose="refit binning")
     booster = lgb.train(
         lgb_params,
         full_set,

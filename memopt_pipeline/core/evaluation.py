@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Collection
 
 import numpy as np
 import pyarrow as pa
@@ -30,19 +30,16 @@ def evaluate_holdout(
     *,
     batch_rows: int,
     predictions_path: str | Path,
-    log: Callable[[str], None] = lambda message: None,
-    log_every_seconds: float = 10.0,
 ) -> dict:
+    """Metrics of ``ensemble`` on ``genes``; progress is logged by the reader."""
     metadata = reader.metadata
-    total_rows = reader.count_rows(genes)
     labels_parts: list[np.ndarray] = []
     proba_parts: list[np.ndarray] = []
     probability_columns = _probability_columns(metadata.classes)
     writer: IncrementalParquetWriter | None = None
-    started = last_log = time.monotonic()
-    done = 0
+    started = time.monotonic()
     try:
-        for batch in reader.iter_batches(genes, batch_rows, with_ids=True):
+        for batch in reader.iter_batches(genes, batch_rows, with_ids=True, purpose="holdout prediction"):
             proba = ensemble.predict_proba(batch.features)
             table = batch.ids.append_column("label", pa.array(batch.labels))
             for j, name in enumerate(probability_columns):
@@ -52,12 +49,6 @@ def evaluate_holdout(
             writer.write(table)
             labels_parts.append(batch.labels)
             proba_parts.append(proba.astype(np.float32))
-            done += len(batch.labels)
-            now = time.monotonic()
-            if now - last_log >= log_every_seconds:
-                rate = done / (now - started)
-                log(f"holdout: {done:,}/{total_rows:,} rows ({rate:,.0f} rows/s, ~{(total_rows - done) / rate:.0f} s left)")
-                last_log = now
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -47,7 +47,7 @@ def chunked_shap(
     sums = np.zeros((metadata.n_classes, metadata.n_features), dtype=np.float64)
     rows = chunks = 0
     additivity_error = 0.0
-    for batch in reader.iter_batches(genes, chunk_rows):
+    for batch in reader.iter_batches(genes, chunk_rows, purpose="shap"):
         features = batch.features[: sample_rows - rows]
         contributions = ensemble.predict_contributions(features)
         sums += np.abs(contributions[:, :, :-1]).sum(axis=0)
