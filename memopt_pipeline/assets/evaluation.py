@@ -97,12 +97,21 @@ def shap_summary(
     ensemble_model: dict,
     gene_split: dict,
     dataset_metadata: dict,
+    memory_plan: dict,
     memory_guard: MemoryGuard,
     artifacts: ArtifactStore,
 ) -> dg.Output[dict]:
     """Mean |SHAP| per feature and class from LightGBM's native contributions, computed chunk by chunk
     on a holdout sample (raw-score units, averaged over the instance models)."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
+    plan = MemoryPlan.from_dict(memory_plan)
+    # Contributions are rows x classes x (features + 1) doubles per chunk: shrink the chunk
+    # (never the sample) until the plan says it fits, and say so.
+    chunk_rows = config.chunk_rows
+    while chunk_rows > 1 and plan.shap_peak(chunk_rows) > plan.budget_bytes * plan.safety:
+        chunk_rows //= 2
+    if chunk_rows != config.chunk_rows:
+        context.log.warning(f"shap: chunk_rows {config.chunk_rows} would not fit the budget; using {chunk_rows}")
     with memory_guard.stage(context, "shap_summary") as monitor:
         ensemble = _load_ensemble(ensemble_model)
         reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
@@ -111,7 +120,7 @@ def shap_summary(
             reader,
             gene_split["holdout_genes"],
             sample_rows=config.sample_rows,
-            chunk_rows=config.chunk_rows,
+            chunk_rows=chunk_rows,
             log=context.log.info,
         )
     table = pa.table(
@@ -132,10 +141,12 @@ def shap_summary(
         metadata={
             "rows_explained": summary.rows,
             "chunks": summary.chunks,
+            "chunk_rows": chunk_rows,
+            "chunk_rows_shrunk_to_fit": chunk_rows != config.chunk_rows,
             "additivity_max_error": summary.additivity_max_error,
             "top_features": dg.MetadataValue.md(
                 "| feature | mean abs SHAP |\n|---|---|\n" + "\n".join(f"| {f} | {v:.4f} |" for f, v in top)
             ),
-            **MemoryGuard.metadata(monitor),
+            **MemoryGuard.metadata(monitor, predicted_peak_bytes=plan.shap_peak(chunk_rows)),
         },
     )

@@ -6,8 +6,8 @@ from pydantic import Field
 
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.memory import process_rss_bytes
-from memopt_pipeline.core.planner import make_plan
-from memopt_pipeline.resources import MemoryGuard
+from memopt_pipeline.core.planner import check_free_disk, make_plan
+from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 GiB = 1024**3
 
@@ -22,7 +22,11 @@ class PlanConfig(dg.Config):
 
 @dg.asset(group_name="planning")
 def memory_plan(
-    context: dg.AssetExecutionContext, config: PlanConfig, dataset_metadata: dict, memory_guard: MemoryGuard
+    context: dg.AssetExecutionContext,
+    config: PlanConfig,
+    dataset_metadata: dict,
+    memory_guard: MemoryGuard,
+    artifacts: ArtifactStore,
 ) -> dg.Output[dict]:
     """Budget x dataset shape -> rows per instance, batch rows, max_bin and the predicted peak of each stage."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
@@ -41,6 +45,7 @@ def memory_plan(
         bin_sample_rows=config.bin_sample_rows,
         safety=config.safety,
     )
+    free_disk = check_free_disk(artifacts.path("memory_plan").parent, plan.disk_needed_bytes)
     context.log.info(
         f"plan: budget {budget / GiB:.2f} GiB, baseline {baseline / GiB:.2f} GiB, up to "
         f"{plan.max_rows_per_instance:,} rows per instance ({plan.strategy}); all {metadata.n_rows:,} rows in one "
@@ -58,5 +63,7 @@ def memory_plan(
             "max_bin": plan.max_bin,
             "predicted_peak_full_data_gb": plan.predicted_peak_full_data / GiB,
             "predicted_peak_prediction_gb": plan.predicted_peak_prediction / GiB,
+            "disk_needed_gb": plan.disk_needed_bytes / GiB,
+            "disk_free_gb": free_disk / GiB,
         },
     )

@@ -19,7 +19,9 @@ genes into as many instances as that requires.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 MiB = 1024**2
 GiB = 1024**3
@@ -97,7 +99,8 @@ class MemoryPlan:
     strategy: str  # "in_memory" (all rows fit one model) or "multi_instance"
     min_instances_full_data: int
     predicted_peak_full_data: int  # training on all rows in one model (what naive code would need)
-    predicted_peak_prediction: int  # streaming prediction / SHAP with one batch
+    predicted_peak_prediction: int  # streaming prediction with one batch
+    disk_needed_bytes: int  # checkpoints: models, predictions, external-memory caches
 
     def training_peak(self, rows: int) -> int:
         return training_footprint(
@@ -110,6 +113,12 @@ class MemoryPlan:
             bin_sample_rows=self.bin_sample_rows,
             baseline_bytes=self.baseline_bytes,
         ).total
+
+    def shap_peak(self, chunk_rows: int) -> int:
+        """Baseline + one raw chunk + its contributions (rows x classes x (features+1) doubles, and
+        the per-model copy being averaged in)."""
+        contributions = chunk_rows * self.n_classes * (self.n_features + 1) * 8 * 2
+        return self.baseline_bytes + chunk_rows * self.n_features * 4 * RAW_BATCH_COPIES + contributions
 
     def instances_needed(self, rows: int, overlap: float = 0.0) -> int:
         """Instances so that each one's rows (its share plus overlap) fit the plan."""
@@ -170,6 +179,9 @@ def make_plan(
         batch_rows=batch_rows, bin_sample_rows=bin_sample_rows, baseline_bytes=baseline_bytes,
     )
     prediction_peak = baseline_bytes + batch_rows * n_features * 4 * RAW_BATCH_COPIES + batch_rows * n_classes * 8 * 4
+    # Predictions Parquet (ids + class probabilities, uncompressed upper bound), one binned
+    # copy for an external-memory cache, and a fixed margin for models and small files.
+    disk_needed = dataset_rows * (n_classes * 4 + 32) + math.ceil(dataset_rows * n_features * bytes_per_binned_cell(max_bin)) + 256 * MiB
     return MemoryPlan(
         budget_bytes=budget_bytes,
         safety=safety,
@@ -186,4 +198,18 @@ def make_plan(
         min_instances_full_data=max(1, math.ceil(dataset_rows / max_rows)),
         predicted_peak_full_data=full.total,
         predicted_peak_prediction=prediction_peak,
+        disk_needed_bytes=disk_needed,
     )
+
+
+def check_free_disk(folder: str | Path, needed_bytes: int) -> int:
+    """Fail before any work when ``folder``'s file system has less than ``needed_bytes`` free."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise PlanError(
+            f"{folder} has {free / GiB:.2f} GiB free but checkpoints and caches need about "
+            f"{needed_bytes / GiB:.2f} GiB; free space there or choose another output folder"
+        )
+    return free

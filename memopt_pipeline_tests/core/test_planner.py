@@ -1,6 +1,6 @@
 import pytest
 
-from memopt_pipeline.core.planner import GiB, MiB, PlanError, make_plan, training_footprint
+from memopt_pipeline.core.planner import GiB, MiB, PlanError, check_free_disk, make_plan, training_footprint
 
 SHAPE = dict(n_features=300, n_classes=3, baseline_bytes=300 * MiB)
 
@@ -51,3 +51,15 @@ def test_footprint_matches_the_design_memory_model():
     assert footprint.per_row_state == 1_000_000 * 3 * 24
     assert footprint.histograms == 63 * 300 * 255 * 16
     assert footprint.transient == 50_000 * 300 * 16  # the bin sample dominates one batch here
+
+
+def test_free_disk_check_fails_early_with_the_numbers(tmp_path):
+    assert check_free_disk(tmp_path, 1) > 1
+    with pytest.raises(PlanError, match=r"GiB free but checkpoints and caches need about .* choose another output folder"):
+        check_free_disk(tmp_path, 10**18)
+
+
+def test_plan_estimates_disk_and_shap_memory():
+    plan = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, **SHAPE)
+    assert plan.disk_needed_bytes > 2_000_000 * 300  # at least one binned copy for caches
+    assert plan.shap_peak(10_000) > plan.shap_peak(1_000) > plan.baseline_bytes

@@ -1,0 +1,458 @@
+"""Training one instance model with XGBoost, from streamed row batches.
+
+The XGBoost counterpart of :mod:`memopt_pipeline.core.boosters` (same two phases, same
+:class:`BoostingParams`, :class:`FoldResult` and :class:`InstanceTraining`). The raw float
+matrix of an instance is never built: a :class:`ReaderIter` (an ``xgboost.DataIter``) feeds
+the batch reader's batches one at a time, and XGBoost sketches and bins them into a
+``QuantileDMatrix`` (in memory, only the binned matrix is kept) or an
+``ExtMemQuantileDMatrix`` (the binned pages are cached on disk, for data whose binned form
+does not fit either). Validation sets are built with ``ref=<training matrix>`` so they share
+its bin edges.
+
+Two phases (the number of trees is learnt, then the model is refit on everything):
+1. per fold, train on the other folds' genes with early stopping on this fold's genes and
+   record the best iteration as a number of trees (XGBoost's ``best_iteration`` is a 0-based
+   index, so the count is ``best_iteration + 1``);
+2. refit on all the instance's genes for the mean count, without early stopping.
+
+External memory: every DMatrix gets its own cache folder under ``external_memory_dir``;
+the folder is removed as soon as the DMatrix is freed, and all of them (and the root, if
+this module created it) are removed by the end of training, also when training fails.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+import weakref
+from pathlib import Path
+from typing import Callable, Collection
+
+import numpy as np
+import xgboost
+
+from memopt_pipeline.core import gpu
+from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.core.boosters import BoostingParams, FoldResult, InstanceTraining
+from memopt_pipeline.core.storage import atomic_path
+
+# XGBoost has no minimum number of rows per leaf, only a minimum sum of hessians
+# (``min_child_weight``). For the softmax objective XGBoost's per-row, per-class hessian is
+# 2 p (1 - p): at most 0.5, and small for rows the model is already sure about. We count a
+# row as 0.05 of hessian (p ~ 0.026 or ~ 0.974), so LightGBM's default min_data_in_leaf=20
+# maps to XGBoost's own default min_child_weight=1. Using the 0.5 maximum instead would be
+# an exact "at least min_data_in_leaf rows" guarantee, but on imbalanced classes (rare
+# donors/acceptors predicted at p ~ 0.01) it would demand hundreds of rows per leaf and
+# stall learning of the rare classes.
+HESSIAN_PER_ROW = 0.05
+
+MODEL_SUFFIX = ".ubj"
+
+
+# --- data feeding --------------------------------------------------------------------------
+
+
+class ReaderIter(xgboost.DataIter):
+    """Feeds one gene set's batches from BatchReader to XGBoost; reset() restarts the stream.
+
+    One batch in memory at a time: ``release_data=True`` lets XGBoost drop its staged copy of
+    a batch when it asks for the next one, and this iterator keeps no reference to a batch.
+    XGBoost reads the stream several times while building a matrix (sketch, then bin; 4-5
+    passes on CPU), each pass opened by ``reset()``. ``cache_prefix`` set means external
+    memory: XGBoost writes its binned pages to files starting with that prefix.
+    """
+
+    def __init__(
+        self,
+        reader: BatchReader,
+        genes: Collection[str],
+        batch_rows: int,
+        *,
+        cache_prefix: str | None = None,
+    ):
+        if batch_rows <= 0:
+            raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+        self.reader = reader
+        self.genes = list(genes)
+        self.batch_rows = batch_rows
+        self.feature_names = list(reader.metadata.features)
+        self.passes = 0  # reset() calls, i.e. passes started over the data
+        self.rows_last_pass = 0
+        self._rows = 0
+        self._batches = None
+        super().__init__(cache_prefix=cache_prefix, release_data=True)
+
+    def reset(self) -> None:
+        if self._batches is not None:
+            self._batches.close()  # close the Parquet generator (and its open file) now
+            self._batches = None
+        self.rows_last_pass, self._rows = self._rows, 0
+        self.passes += 1
+
+    def next(self, input_data: Callable) -> bool:
+        if self._batches is None:
+            self._batches = self.reader.iter_batches(self.genes, self.batch_rows)
+        batch = next(self._batches, None)
+        if batch is None:
+            self._batches = None
+            return False
+        self._rows += len(batch.labels)
+        input_data(data=batch.features, label=batch.labels, feature_names=self.feature_names)
+        return True
+
+
+def build_dmatrix(
+    reader: BatchReader,
+    genes: Collection[str],
+    *,
+    batch_rows: int,
+    max_bin: int,
+    ref: xgboost.DMatrix | None = None,
+    external_memory_dir: str | Path | None = None,
+    nthread: int | None = None,
+) -> xgboost.DMatrix:
+    """Binned XGBoost matrix of ``genes``' rows, streamed.
+
+    In memory: a ``QuantileDMatrix``. With ``external_memory_dir``: an
+    ``ExtMemQuantileDMatrix`` caching its pages in files ``<dir>/cache-*``; the caller owns
+    the folder and removes it after freeing the matrix (XGBoost deletes its own cache files
+    when the matrix is freed, but not the folder). Pass ``ref=<training matrix>`` for
+    validation/test matrices so they use the training bin edges. ``nthread`` (None or 0 =
+    all cores) is used for sketching and binning.
+    """
+    threads = -1 if not nthread else nthread
+    if external_memory_dir is None:
+        return xgboost.QuantileDMatrix(
+            ReaderIter(reader, genes, batch_rows), max_bin=max_bin, ref=ref, nthread=threads
+        )
+    folder = Path(external_memory_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    iterator = ReaderIter(reader, genes, batch_rows, cache_prefix=str(folder / "cache"))
+    return xgboost.ExtMemQuantileDMatrix(iterator, max_bin=max_bin, ref=ref, nthread=threads)
+
+
+# --- parameters ----------------------------------------------------------------------------
+
+
+def choose_device(log: Callable[[str], None] = lambda message: None) -> str:
+    """"cuda" when a GPU is available, else "cpu" (logging why the CPU is used)."""
+    if gpu.gpu_available():
+        return "cuda"
+    log(f"XGBoost runs on the CPU (tree_method=hist): no GPU was found ({gpu.gpu_status().reason})")
+    return "cpu"
+
+
+def xgboost_params(params: BoostingParams, *, n_classes: int, device: str) -> dict:
+    """XGBoost parameters equivalent to :func:`boosters.lightgbm_params`.
+
+    Mapping from the LightGBM-named :class:`BoostingParams`:
+    - learning_rate -> eta; lambda_l2 -> lambda; feature_fraction -> colsample_bytree
+      (both sample features once per tree); max_bin -> max_bin (the matrices must be built
+      with the same value, see :func:`build_dmatrix`); num_threads -> nthread (0 = all cores
+      in both libraries); seed -> seed;
+    - num_leaves -> max_leaves with grow_policy="lossguide" and max_depth=0 (no depth
+      limit): leaf-wise growth like LightGBM, instead of XGBoost's default depth-wise;
+    - min_data_in_leaf -> min_child_weight = min_data_in_leaf * HESSIAN_PER_ROW (see there);
+    - no row subsampling (subsample=1), as in LightGBM's defaults.
+    """
+    return {
+        "objective": "multi:softprob",
+        "num_class": n_classes,
+        "eval_metric": "mlogloss",
+        "tree_method": "hist",
+        "device": device,
+        "max_bin": params.max_bin,
+        "eta": params.learning_rate,
+        "grow_policy": "lossguide",
+        "max_leaves": params.num_leaves,
+        "max_depth": 0,
+        "min_child_weight": params.min_data_in_leaf * HESSIAN_PER_ROW,
+        "subsample": 1.0,
+        "colsample_bytree": params.feature_fraction,
+        "lambda": params.lambda_l2,
+        "nthread": params.num_threads,
+        "seed": params.seed,
+        "verbosity": 1,  # warnings only
+    }
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+class _ProgressCallback(xgboost.callback.TrainingCallback):
+    """Logs the round, rate and time left at most every ``every_seconds``."""
+
+    def __init__(self, log: Callable[[str], None], label: str, total_rounds: int, every_seconds: float = 10.0):
+        super().__init__()
+        self.log, self.label, self.total_rounds, self.every_seconds = log, label, total_rounds, every_seconds
+        self.start = self.last = time.monotonic()
+
+    def after_iteration(self, model, epoch: int, evals_log) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.every_seconds:
+            done = epoch + 1
+            rate = done / max(now - self.start, 1e-9)
+            self.log(
+                f"{self.label}: round {done}/{self.total_rounds} ({rate:.1f} rounds/s, "
+                f"at most {(self.total_rounds - done) / rate:.0f} s left)"
+            )
+            self.last = now
+        return False
+
+
+class _CacheFolders:
+    """One external-memory cache folder per DMatrix, under ``root`` (None = in memory).
+
+    XGBoost deletes a matrix's cache files when the matrix is freed; deleting them earlier
+    makes it warn about missing files. So a folder is only removed once its matrix is gone
+    (tracked with a weak reference), and :meth:`close` removes whatever is left.
+    """
+
+    def __init__(self, root: str | Path | None):
+        self.root = None if root is None else Path(root)
+        self._created_root = False
+        self._folders: list[tuple[Path, weakref.ref]] = []
+        if self.root is not None and not self.root.exists():
+            self.root.mkdir(parents=True)
+            self._created_root = True
+
+    def build(self, reader: BatchReader, genes: Collection[str], label: str, **kwargs) -> xgboost.DMatrix:
+        if self.root is None:
+            return build_dmatrix(reader, genes, **kwargs)
+        folder = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.root))
+        try:
+            matrix = build_dmatrix(reader, genes, external_memory_dir=folder, **kwargs)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._folders.append((folder, weakref.ref(matrix)))
+        return matrix
+
+    def release(self) -> None:
+        """Remove the folders of matrices that have been freed."""
+        if any(alive() is not None for _, alive in self._folders):
+            gc.collect()  # a reference cycle may be all that keeps a matrix
+        kept = []
+        for folder, alive in self._folders:
+            if alive() is None:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                kept.append((folder, alive))
+        self._folders = kept
+
+    def close(self) -> None:
+        """Remove every folder (even of matrices still referenced) and the root if created here."""
+        self.release()
+        for folder, _ in self._folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders = []
+        if self._created_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _best_rounds(booster: xgboost.Booster) -> int:
+    """Trees at the best validation score, as a count.
+
+    XGBoost's ``best_iteration`` is the 0-based index of the best round, so the number of
+    trees to keep is ``best_iteration + 1`` (LightGBM's ``best_iteration`` is already a count).
+    Note also that XGBoost keeps the ``early_stopping_rounds`` trees grown after the best one.
+    """
+    try:
+        return int(booster.best_iteration) + 1
+    except AttributeError:  # only defined with early stopping; then all rounds count
+        return booster.num_boosted_rounds()
+
+
+def _fit_fold(
+    caches: _CacheFolders,
+    reader: BatchReader,
+    train_genes: list[str],
+    valid_genes: list[str],
+    *,
+    xgb_params: dict,
+    params: BoostingParams,
+    batch_rows: int,
+    label: str,
+    callbacks: list,
+    log: Callable[[str], None],
+) -> tuple[int, float, int, int]:
+    """Early-stopped training of one fold: (best rounds, best logloss, train rows, valid rows).
+
+    A function of its own so that its matrices and booster are freed when it returns.
+    """
+    matrix_args = {"batch_rows": batch_rows, "max_bin": params.max_bin, "nthread": params.num_threads}
+    train = caches.build(reader, train_genes, f"{label}-train", **matrix_args)
+    valid = caches.build(reader, valid_genes, f"{label}-valid", ref=train, **matrix_args)
+    log(f"{label}: training on {train.num_row():,} rows, early stopping on {valid.num_row():,}")
+    booster = xgboost.train(
+        xgb_params,
+        train,
+        num_boost_round=params.max_rounds,
+        evals=[(valid, "valid")],
+        early_stopping_rounds=params.early_stopping_rounds,
+        verbose_eval=False,
+        callbacks=[_ProgressCallback(log, label, params.max_rounds), *callbacks],
+    )
+    return _best_rounds(booster), float(booster.best_score), train.num_row(), valid.num_row()
+
+
+def _refit(
+    caches: _CacheFolders,
+    reader: BatchReader,
+    genes: list[str],
+    *,
+    xgb_params: dict,
+    params: BoostingParams,
+    batch_rows: int,
+    num_rounds: int,
+    callbacks: list,
+    log: Callable[[str], None],
+) -> tuple[xgboost.Booster, int]:
+    full = caches.build(reader, genes, "refit", batch_rows=batch_rows, max_bin=params.max_bin, nthread=params.num_threads)
+    booster = xgboost.train(
+        xgb_params,
+        full,
+        num_boost_round=num_rounds,
+        verbose_eval=False,
+        callbacks=[_ProgressCallback(log, "refit", num_rounds), *callbacks],
+    )
+    return booster, full.num_row()
+
+
+def train_instance_xgboost(
+    reader: BatchReader,
+    fold_of_gene: dict[str, int],
+    *,
+    params: BoostingParams,
+    batch_rows: int,
+    external_memory_dir: str | Path | None = None,
+    callbacks: list | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    release: Callable[[], object] = lambda: None,
+    device: str | None = None,
+) -> InstanceTraining:
+    """Phase 1 (early stopping per gene-aware fold) then phase 2 (refit on all genes).
+
+    ``callbacks`` are ``xgboost.callback.TrainingCallback`` objects (e.g.
+    :func:`memory.xgboost_callback`); they are reused by every ``xgboost.train`` call.
+    ``device`` None picks one with :func:`choose_device`. With ``external_memory_dir`` the
+    binned matrices live in per-matrix cache folders there, all removed by the end (also on
+    error). The returned ``InstanceTraining.booster`` is an ``xgboost.Booster``.
+    """
+    n_classes = reader.metadata.n_classes
+    xgb_params = xgboost_params(params, n_classes=n_classes, device=device or choose_device(log))
+    callbacks = list(callbacks or [])
+    all_genes = sorted(fold_of_gene)
+    folds = sorted(set(fold_of_gene.values()))
+    results: list[FoldResult] = []
+    caches = _CacheFolders(external_memory_dir)
+    try:
+        for fold in folds:
+            started = time.monotonic()
+            valid_genes = [g for g in all_genes if fold_of_gene[g] == fold]
+            train_genes = [g for g in all_genes if fold_of_gene[g] != fold]
+            label = f"fold {fold + 1}"
+            log(f"phase 1, fold {fold + 1}/{len(folds)}: binning {len(train_genes)} training genes")
+            best, logloss, train_rows, valid_rows = _fit_fold(
+                caches, reader, train_genes, valid_genes, xgb_params=xgb_params, params=params,
+                batch_rows=batch_rows, label=label, callbacks=callbacks, log=log,
+            )  # fmt: skip
+            caches.release()
+            results.append(
+                FoldResult(
+                    fold=fold,
+                    train_genes=len(train_genes),
+                    valid_genes=len(valid_genes),
+                    train_rows=train_rows,
+                    valid_rows=valid_rows,
+                    best_iteration=best,
+                    valid_logloss=logloss,
+                    seconds=time.monotonic() - started,
+                )
+            )
+            log(f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {logloss:.4f}")
+            release()
+
+        num_rounds = max(1, int(round(np.mean([r.best_iteration for r in results])))) if results else 1
+        log(f"phase 2: refit on all {len(all_genes)} genes for {num_rounds} rounds")
+        booster, train_rows = _refit(
+            caches, reader, all_genes, xgb_params=xgb_params, params=params, batch_rows=batch_rows,
+            num_rounds=num_rounds, callbacks=callbacks, log=log,
+        )  # fmt: skip
+        caches.release()
+        release()
+    except BaseException as error:
+        # The traceback's finished frames (xgboost.train's, _fit_fold's) still reference the
+        # matrices; clear their locals so the matrices are freed (and XGBoost deletes its
+        # cache files) before the folders are removed below. The traceback lines are kept.
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        caches.close()
+    return InstanceTraining(
+        booster=booster, num_rounds=num_rounds, folds=results, train_rows=train_rows, train_genes=len(all_genes)
+    )
+
+
+# --- persistence ---------------------------------------------------------------------------
+
+
+def save_xgboost_model(booster: xgboost.Booster, path: str | Path) -> None:
+    """Write the model in XGBoost's native UBJSON format, atomically.
+
+    XGBoost picks the format of ``save_model``/``load_model`` from the file suffix, so the
+    path must end in ``.ubj`` (a temporary name would not); the bytes come from
+    ``save_raw("ubj")`` and go through :func:`storage.atomic_path`.
+    """
+    path = Path(path)
+    if path.suffix != MODEL_SUFFIX:
+        raise ValueError(f"XGBoost models are saved as UBJSON and need a '{MODEL_SUFFIX}' suffix, got {path}")
+    raw = booster.save_raw(raw_format="ubj")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as file:
+            file.write(raw)
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def load_xgboost_model(path: str | Path) -> xgboost.Booster:
+    """Load a model written by :func:`save_xgboost_model`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; materialize the stage that trains it first")
+    booster = xgboost.Booster()
+    booster.load_model(bytearray(path.read_bytes()))  # bytes: format detected from content
+    return booster
+
+
+# --- prediction ----------------------------------------------------------------------------
+
+
+def predict_proba_xgboost(booster: xgboost.Booster, features: np.ndarray) -> np.ndarray:
+    """Class probabilities, shape (rows, classes)."""
+    return np.asarray(booster.inplace_predict(features, predict_type="value"))
+
+
+def predict_raw_xgboost(booster: xgboost.Booster, features: np.ndarray) -> np.ndarray:
+    """Raw margins (before softmax), shape (rows, classes)."""
+    return np.asarray(booster.inplace_predict(features, predict_type="margin"))
+
+
+def predict_contributions_xgboost(booster: xgboost.Booster, features: np.ndarray) -> np.ndarray:
+    """TreeSHAP contributions, shape (rows, classes, features + 1); the bias is the last column.
+
+    For multiclass models XGBoost already returns this 3-d shape (LightGBM returns a flat
+    (rows, classes * (features + 1))). Summed over the last axis they equal the margins of
+    :func:`predict_raw_xgboost`. ``pred_contribs`` is not available through
+    ``inplace_predict``, so a (non-binned) DMatrix of ``features`` is built here.
+    """
+    matrix = xgboost.DMatrix(features, feature_names=booster.feature_names, nthread=-1)
+    contributions = booster.predict(matrix, pred_contribs=True)
+    if contributions.ndim == 2:  # a single-output model: (rows, features + 1)
+        contributions = contributions[:, np.newaxis, :]
+    return contributions
