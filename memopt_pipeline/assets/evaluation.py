@@ -5,6 +5,7 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
+from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY
 from memopt_pipeline.core.batches import BatchReader
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ensemble import Ensemble, EnsembleMember
@@ -23,7 +24,7 @@ class EvaluationConfig(dg.Config):
     batch_rows: int = Field(default=0, description="Rows per prediction chunk (0 = the memory plan's batch rows).")
 
 
-@dg.asset(group_name="evaluation", pool="memory_heavy")
+@dg.asset(group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
 def holdout_evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
@@ -90,7 +91,7 @@ class ShapConfig(dg.Config):
     chunk_rows: int = Field(default=500, description="Rows per contribution chunk (bounds memory).")
 
 
-@dg.asset(group_name="evaluation", pool="memory_heavy")
+@dg.asset(group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
 def shap_summary(
     context: dg.AssetExecutionContext,
     config: ShapConfig,

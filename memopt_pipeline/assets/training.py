@@ -5,9 +5,11 @@ import dagster as dg
 from pydantic import Field
 
 from memopt_pipeline.assets.partitions import instance_partitions
+from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level
 from memopt_pipeline.core.batches import BatchReader
 from memopt_pipeline.core.boosters import BoostingParams, train_instance
 from memopt_pipeline.core.dataset import DatasetMetadata
+from memopt_pipeline.core.ladder import settings_for
 from memopt_pipeline.core.memory import lightgbm_callback, release_memory
 from memopt_pipeline.core.planner import MemoryPlan
 from memopt_pipeline.core.storage import atomic_path, write_json
@@ -29,7 +31,12 @@ class TrainingConfig(dg.Config):
     seed: int = Field(default=0, description="Training seed.")
 
 
-@dg.asset(group_name="training", partitions_def=instance_partitions, pool="memory_heavy")
+@dg.asset(
+    group_name="training",
+    partitions_def=instance_partitions,
+    pool=MEMORY_POOL,
+    retry_policy=MEMORY_RETRY_POLICY,
+)
 def instance_model(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
@@ -43,10 +50,16 @@ def instance_model(
     the instance's genes with that many rounds. Rows stream from the batch reader into LightGBM bins."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     plan = MemoryPlan.from_dict(memory_plan)
+    settings = settings_for(
+        current_ladder_level(context), batch_rows=plan.batch_rows, max_bin=plan.max_bin, bin_sample_rows=plan.bin_sample_rows
+    )
+    if settings.level:
+        context.log.warning(f"instance_model: retry at ladder level {settings.level}: {settings.description}")
     params = BoostingParams(
         learning_rate=config.learning_rate,
         num_leaves=plan.num_leaves,
-        max_bin=plan.max_bin,
+        max_bin=settings.max_bin,
+        histogram_pool_mb=settings.histogram_pool_mb,
         min_data_in_leaf=config.min_data_in_leaf,
         feature_fraction=config.feature_fraction,
         lambda_l2=config.lambda_l2,
@@ -62,8 +75,8 @@ def instance_model(
             reader,
             fold_of_gene,
             params=params,
-            batch_rows=plan.batch_rows,
-            bin_sample_rows=plan.bin_sample_rows,
+            batch_rows=settings.batch_rows,
+            bin_sample_rows=settings.bin_sample_rows,
             callbacks=[lightgbm_callback(monitor)],
             log=context.log.info,
             release=release_memory,
@@ -83,6 +96,7 @@ def instance_model(
         "train_genes": training.train_genes,
         "train_rows": training.train_rows,
         "rows_read": reader.stats.rows_read,
+        "ladder": settings.to_dict(),
         **fold_summary,
     }
     write_json(model_path.with_name("model_card.json"), card)
@@ -95,6 +109,10 @@ def instance_model(
             "train_rows": training.train_rows,
             "train_genes": training.train_genes,
             "rows_read": reader.stats.rows_read,
+            "ladder_level": settings.level,
+            "ladder_settings": settings.description,
+            "batch_rows": settings.batch_rows,
+            "max_bin": settings.max_bin,
             "model_path": dg.MetadataValue.path(str(model_path)),
             **MemoryGuard.metadata(monitor, predicted_peak_bytes=plan.training_peak(training.train_rows)),
         },

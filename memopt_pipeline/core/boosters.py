@@ -38,6 +38,7 @@ class BoostingParams:
     early_stopping_rounds: int = 20
     num_threads: int = 0  # 0 = LightGBM default (all cores)
     seed: int = 0
+    histogram_pool_mb: float | None = None  # cap on LightGBM's histogram cache (None = unbounded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +63,7 @@ def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: 
         "force_col_wise": True,
         "bin_construct_sample_cnt": bin_sample_rows,
         "verbosity": -1,
+        **({"histogram_pool_size": params.histogram_pool_mb} if params.histogram_pool_mb else {}),
     }
 
 

@@ -18,6 +18,7 @@ observes. No Dagster import here: a Dagster resource wraps this module.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import psutil
 
@@ -533,3 +534,50 @@ def xgboost_callback(monitor: StageMonitor) -> xgboost.callback.TrainingCallback
             return False  # False = keep training; stopping is done by raising
 
     return MemoryCheckCallback()
+
+
+# -- hard cap ------------------------------------------------------------------------------
+
+
+def virtual_data_bytes() -> int | None:
+    """VmData (private writable mappings: heap, anonymous mmaps) from /proc/self/status."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def hard_memory_cap(budget_bytes: int, margin: float = 0.1) -> Iterator[int | None]:
+    """Cap the process's data segment (RLIMIT_DATA) a little above the budget for the block.
+
+    A runaway native allocation then fails inside the process as MemoryError (numpy,
+    pyarrow) or std::bad_alloc instead of the kernel OOM-killing the whole step. RLIMIT_DATA
+    counts virtual data, which already exceeds RSS (allocator arenas, thread stacks), so the
+    cap is today's virtual data plus the RSS headroom left in the budget, plus ``margin`` of
+    the budget. Only the soft limit is lowered, and it is restored afterwards. Yields the cap
+    in bytes, or None where the limit is unsupported (then nothing is capped).
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        yield None
+        return
+    data_now = virtual_data_bytes()
+    if data_now is None:
+        yield None
+        return
+    headroom = max(budget_bytes - process_rss_bytes(), 0)
+    cap = int(data_now + headroom + margin * budget_bytes)
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY and cap > hard:
+        cap = hard
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    try:
+        yield cap
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))

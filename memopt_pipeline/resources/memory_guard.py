@@ -15,6 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from memopt_pipeline.core import memory
+from memopt_pipeline.core.failures import exception_is_out_of_memory
 from memopt_pipeline.core.gpu import gpu_status
 
 GiB = 1024**3
@@ -40,6 +41,11 @@ class MemoryGuard(dg.ConfigurableResource):
         "MemoryBudgetExceeded (retryable) instead of being killed by the OS.",
     )
     sample_interval_s: float = Field(default=0.1, description="Seconds between background RSS samples.")
+    hard_cap: bool = Field(
+        default=True,
+        description="Also cap the process's data segment (RLIMIT_DATA) a little above the budget during the "
+        "stage, so a runaway native allocation raises MemoryError instead of the OS killing the step.",
+    )
 
     def budget_bytes(self) -> int:
         return memory.resolve_budget_bytes(self.budget_gb, self.budget_fraction)
@@ -63,8 +69,20 @@ class MemoryGuard(dg.ConfigurableResource):
             f"{name}: budget {budget / GiB:.2f} GiB, RSS now {memory.process_rss_bytes() / GiB:.2f} GiB"
         )
         try:
-            with monitor:
+            with contextlib.ExitStack() as stack:
+                if self.hard_cap:
+                    cap = stack.enter_context(memory.hard_memory_cap(budget))
+                    if cap is not None:
+                        context.log.debug(f"{name}: data segment capped at {cap / GiB:.2f} GiB")
+                stack.enter_context(monitor)
                 yield monitor
+        except Exception as error:
+            if exception_is_out_of_memory(error):
+                # Retryable: the asset's RetryPolicy re-runs the step one ladder level lower.
+                context.log.error(f"{name}: out of memory ({type(error).__name__}: {error})")
+                raise
+            # Anything else would fail the same way again: no retry at a lower memory level.
+            raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
         finally:
             memory.release_memory()
 
