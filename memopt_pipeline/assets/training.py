@@ -1,6 +1,8 @@
 """Training stages: one model per instance (dynamic partition), then their ensemble."""
 
 
+from typing import Literal
+
 import dagster as dg
 from pydantic import Field
 
@@ -10,15 +12,24 @@ from memopt_pipeline.core.batches import BatchReader
 from memopt_pipeline.core.boosters import BoostingParams, train_instance
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ladder import settings_for
-from memopt_pipeline.core.memory import lightgbm_callback, release_memory
+from memopt_pipeline.core.memory import lightgbm_callback, release_memory, xgboost_callback
 from memopt_pipeline.core.planner import MemoryPlan
 from memopt_pipeline.core.storage import atomic_path, write_json
+from memopt_pipeline.core.xgboost_backend import save_xgboost_model, train_instance_xgboost
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 _DEFAULTS = BoostingParams()
 
 
 class TrainingConfig(dg.Config):
+    backend: Literal["lightgbm", "xgboost"] = Field(
+        default="lightgbm", description="Boosting library. XGBoost uses the GPU when one is detected."
+    )
+    external_memory: bool = Field(
+        default=False,
+        description="XGBoost only: keep binned data on disk (ExtMemQuantileDMatrix). The memory ladder's "
+        "last level switches to it automatically.",
+    )
     learning_rate: float = Field(default=_DEFAULTS.learning_rate, description="Boosting learning rate.")
     max_rounds: int = Field(default=_DEFAULTS.max_rounds, description="Upper bound on boosting rounds in phase 1.")
     early_stopping_rounds: int = Field(
@@ -69,26 +80,49 @@ def instance_model(
         seed=config.seed,
     )
     fold_of_gene = cv_folds["fold_of_gene"]
+    external_memory = settings.external_memory or (config.backend == "xgboost" and config.external_memory)
+    backend = "xgboost" if external_memory else config.backend
+    partition_dir = artifacts.path("instance_model", context.partition_key, "model").parent
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
         reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
-        training = train_instance(
-            reader,
-            fold_of_gene,
-            params=params,
-            batch_rows=settings.batch_rows,
-            bin_sample_rows=settings.bin_sample_rows,
-            callbacks=[lightgbm_callback(monitor)],
-            log=context.log.info,
-            release=release_memory,
-        )
-        model_path = artifacts.path("instance_model", context.partition_key, "model.txt")
-        with atomic_path(model_path) as tmp:
-            training.booster.save_model(str(tmp))
+        if backend == "xgboost":
+            training = train_instance_xgboost(
+                reader,
+                fold_of_gene,
+                params=params,
+                batch_rows=settings.batch_rows,
+                external_memory_dir=partition_dir / "extmem_cache" if external_memory else None,
+                callbacks=[xgboost_callback(monitor)],
+                log=context.log.info,
+                release=release_memory,
+            )
+            model_path = partition_dir / "model.ubj"
+            save_xgboost_model(training.booster, model_path)
+        else:
+            training = train_instance(
+                reader,
+                fold_of_gene,
+                params=params,
+                batch_rows=settings.batch_rows,
+                bin_sample_rows=settings.bin_sample_rows,
+                callbacks=[lightgbm_callback(monitor)],
+                log=context.log.info,
+                release=release_memory,
+            )
+            model_path = partition_dir / "model.txt"
+            with atomic_path(model_path) as tmp:
+                training.booster.save_model(str(tmp))
+    # A model of the other format from an earlier attempt would be ambiguous next to this one.
+    for stale in (partition_dir / "model.txt", partition_dir / "model.ubj"):
+        if stale != model_path and stale.exists():
+            stale.unlink()
     fold_summary = training.fold_summary()
     card = {
         "partition": context.partition_key,
         "model_path": str(model_path),
-        "model_format": "lightgbm-text",
+        "model_format": "xgboost-ubj" if backend == "xgboost" else "lightgbm-text",
+        "backend": backend,
+        "external_memory": external_memory,
         "features": metadata.features,
         "classes": metadata.classes,
         "params": params.to_dict(),
@@ -109,6 +143,8 @@ def instance_model(
             "train_rows": training.train_rows,
             "train_genes": training.train_genes,
             "rows_read": reader.stats.rows_read,
+            "backend": backend,
+            "external_memory": external_memory,
             "ladder_level": settings.level,
             "ladder_settings": settings.description,
             "batch_rows": settings.batch_rows,

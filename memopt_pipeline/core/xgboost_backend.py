@@ -286,8 +286,9 @@ def _fit_fold(
     A function of its own so that its matrices and booster are freed when it returns.
     """
     matrix_args = {"batch_rows": batch_rows, "max_bin": params.max_bin, "nthread": params.num_threads}
-    train = caches.build(reader, train_genes, f"{label}-train", **matrix_args)
-    valid = caches.build(reader, valid_genes, f"{label}-valid", ref=train, **matrix_args)
+    folder = label.replace(" ", "")
+    train = caches.build(reader, train_genes, f"{folder}-train", **matrix_args)
+    valid = caches.build(reader, valid_genes, f"{folder}-valid", ref=train, **matrix_args)
     log(f"{label}: training on {train.num_row():,} rows, early stopping on {valid.num_row():,}")
     booster = xgboost.train(
         xgb_params,

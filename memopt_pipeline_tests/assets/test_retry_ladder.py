@@ -66,3 +66,20 @@ def test_other_errors_fail_once_without_retry(prepared, monkeypatch):
     assert len(attempts) == 1
     failure = result.get_step_failure_events()[0]
     assert "label out of range" in failure.step_failure_data.error.to_string()
+
+
+def test_last_ladder_level_trains_on_xgboost_external_memory(prepared):
+    """The OOM sensor re-runs failed partitions with the ladder tag; level 3 moves bins to disk."""
+    from memopt_pipeline.core.ladder import LADDER_TAG, MAX_LEVEL
+
+    instance, resources = prepared
+    partition = instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME)[0]
+    result = dg.materialize(
+        ALL_ASSETS, selection=INSTANCE_ASSETS, instance=instance, resources=resources, partition_key=partition,
+        tags={LADDER_TAG: str(MAX_LEVEL)},
+        run_config={"ops": {"cv_folds": {"config": {"n_folds": 2}}, "instance_model": {"config": {"max_rounds": 5, "num_threads": 1}}}},
+    )
+    metadata = result.asset_materializations_for_node("instance_model")[0].metadata
+    assert metadata["ladder_level"].value == MAX_LEVEL
+    assert metadata["backend"].value == "xgboost" and metadata["external_memory"].value is True
+    assert metadata["max_bin"].value == 63
