@@ -5,6 +5,7 @@ import dagster as dg
 from memopt_pipeline.assets import ALL_ASSETS
 from memopt_pipeline.assets.evaluation import holdout_beats_class_prior
 from memopt_pipeline.automation.jobs import ALL_JOBS
+from memopt_pipeline.automation.sensors import oom_rematerialization_sensor
 from memopt_pipeline.resources import ArtifactStore, JsonIOManager, MemoryGuard
 
 
@@ -22,5 +23,6 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=[holdout_beats_class_prior],
     jobs=ALL_JOBS,
+    sensors=[oom_rematerialization_sensor],
     resources=build_resources(),
 )

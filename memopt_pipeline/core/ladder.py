@@ -83,3 +83,14 @@ def ladder_level(retry_number: int, run_tags: dict[str, str]) -> int:
     except ValueError:
         tagged = 0
     return min(max(retry_number, tagged, 0), MAX_LEVEL)
+
+
+def next_level_after_failure(tagged_level: int, failed_attempts: int) -> int | None:
+    """Ladder level for re-running a step that failed out-of-memory after ``failed_attempts``
+    attempts (its step retries included, each one level lower) in a run tagged ``tagged_level``.
+    None when those attempts already reached the last level: then only a bigger budget (or
+    more instances) can help, and re-running would fail the same way."""
+    reached = min(tagged_level + max(failed_attempts, 1) - 1, MAX_LEVEL)
+    if reached >= MAX_LEVEL:
+        return None
+    return reached + 1

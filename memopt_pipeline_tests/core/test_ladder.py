@@ -1,4 +1,4 @@
-from memopt_pipeline.core.ladder import LADDER_TAG, MAX_LEVEL, ladder_level, settings_for
+from memopt_pipeline.core.ladder import LADDER_TAG, MAX_LEVEL, ladder_level, next_level_after_failure, settings_for
 
 
 def test_each_level_lowers_memory_settings_monotonically():
@@ -26,3 +26,11 @@ def test_level_from_retry_number_and_sensor_tag():
     assert ladder_level(1, {LADDER_TAG: "3"}) == 3
     assert ladder_level(7, {}) == MAX_LEVEL
     assert ladder_level(0, {LADDER_TAG: "junk"}) == 0
+
+
+def test_next_level_after_an_oom_failure_continues_where_the_attempts_stopped():
+    assert next_level_after_failure(0, 1) == 1  # one attempt at level 0 (e.g. a killed step)
+    assert next_level_after_failure(1, 1) == 2
+    assert next_level_after_failure(0, 2) == 2  # levels 0 and 1 tried in the run
+    assert next_level_after_failure(0, MAX_LEVEL + 1) is None  # every level tried
+    assert next_level_after_failure(MAX_LEVEL, 1) is None

@@ -1,0 +1,68 @@
+"""Out-of-memory recovery: re-run exactly what failed, one memory ladder level lower.
+
+When a run fails, this sensor reads its step failures. If a failure is out-of-memory
+(MemoryError, MemoryBudgetExceeded, bad_alloc, CUDA OOM, a step process killed with -9/137,
+an allocation abort), it requests a run of the same job for the same partition, selecting
+only the assets whose steps failed or were skipped because of the failure, tagged with the
+next ladder level and the original run. Steps that succeeded are not re-run; failures that
+are not out-of-memory are left alone.
+"""
+
+import dagster as dg
+
+from memopt_pipeline.assets import ALL_ASSETS
+from memopt_pipeline.automation.jobs import ALL_JOBS
+from memopt_pipeline.core.failures import text_is_out_of_memory
+from memopt_pipeline.core.ladder import LADDER_TAG, ladder_level, next_level_after_failure
+
+RETRY_OF_TAG = "memopt/oom_retry_of"
+# One step per asset, named after it; asset-check steps re-run with their asset.
+_ASSET_STEPS = {asset.key.to_user_string() for asset in ALL_ASSETS}
+
+
+def _failed_attempts(instance: dg.DagsterInstance, run_id: str, step_key: str) -> int:
+    """Attempts of ``step_key`` in the run: its step retries plus the final failure."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY).records
+    return 1 + sum(1 for record in records if record.event_log_entry.step_key == step_key)
+
+
+@dg.run_failure_sensor(
+    name="oom_rematerialization_sensor",
+    description=__doc__,
+    request_jobs=ALL_JOBS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def oom_rematerialization_sensor(context: dg.RunFailureSensorContext):
+    run = context.dagster_run
+    failures = {
+        event.step_key: event.step_failure_data.error.to_string() if event.step_failure_data.error else ""
+        for event in context.get_step_failure_events()
+    }
+    oom_steps = sorted(step for step, text in failures.items() if text_is_out_of_memory(text))
+    if not oom_steps:
+        context.log.info(f"run {run.run_id}: failure is not out-of-memory ({sorted(failures)}); nothing re-run")
+        return dg.SkipReason("not an out-of-memory failure")
+    tagged = ladder_level(0, run.tags)
+    attempts = max(_failed_attempts(context.instance, run.run_id, step) for step in oom_steps)
+    level = next_level_after_failure(tagged, attempts)
+    if level is None:
+        return dg.SkipReason(
+            f"run {run.run_id} ran out of memory at the last ladder level; raise the memory budget or use more instances"
+        )
+    # Re-run what the run planned but did not finish: the failed steps and those that never
+    # ran because an upstream step failed.
+    plan = context.instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+    succeeded = {
+        record.event_log_entry.step_key
+        for record in context.instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records
+    }
+    unfinished = sorted((set(plan.step_keys_to_execute) - succeeded) & _ASSET_STEPS)
+    tags = {LADDER_TAG: str(level), RETRY_OF_TAG: run.tags.get(RETRY_OF_TAG, run.run_id)}
+    partition = run.tags.get("dagster/partition")
+    return dg.RunRequest(
+        run_key=f"oom-retry-{run.run_id}",
+        job_name=run.job_name,
+        partition_key=partition,
+        asset_selection=[dg.AssetKey(step) for step in unfinished],
+        tags=tags,
+    )
