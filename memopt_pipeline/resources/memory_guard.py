@@ -20,6 +20,10 @@ from memopt_pipeline.core.gpu import gpu_status
 
 GiB = 1024**3
 
+# One per process: stages of every run executed in this process (in-process runs, the CLI,
+# repeated materializations in a code server) are compared with the first.
+_LEAKS: memory.LeakTracker | None = None
+
 
 class MemoryGuard(dg.ConfigurableResource):
     """Enforces a memory budget on each stage and records peak RSS against it."""
@@ -41,6 +45,11 @@ class MemoryGuard(dg.ConfigurableResource):
         "MemoryBudgetExceeded (retryable) instead of being killed by the OS.",
     )
     sample_interval_s: float = Field(default=0.1, description="Seconds between background RSS samples.")
+    leak_warning_fraction: float = Field(
+        default=0.2,
+        description="Warn when RSS after cleanup has grown by more than this share of the budget since the "
+        "first stage of this process (a leak across instances or repeated materializations).",
+    )
     hard_cap: bool = Field(
         default=True,
         description="Also cap the process's data segment (RLIMIT_DATA) a little above the budget during the "
@@ -54,6 +63,8 @@ class MemoryGuard(dg.ConfigurableResource):
     def stage(self, context: dg.AssetExecutionContext, name: str, advice: str = "") -> Iterator[memory.StageMonitor]:
         """Monitor one stage; cleanup runs when it ends, whether it succeeded or failed."""
         budget = self.budget_bytes()
+        if context.has_partition_key:
+            name = f"{name} [{context.partition_key}]"
         monitor = memory.StageMonitor(
             name,
             budget,
@@ -84,7 +95,16 @@ class MemoryGuard(dg.ConfigurableResource):
             # Anything else would fail the same way again: no retry at a lower memory level.
             raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
         finally:
-            memory.release_memory()
+            released = memory.release_memory()
+            warning = self._leak_tracker(budget).record(name, released["rss_after"])
+            if warning:
+                context.log.warning(warning)
+
+    def _leak_tracker(self, budget: int) -> memory.LeakTracker:
+        global _LEAKS
+        if _LEAKS is None:
+            _LEAKS = memory.LeakTracker(int(self.leak_warning_fraction * budget))
+        return _LEAKS
 
     @staticmethod
     def metadata(monitor: memory.StageMonitor, predicted_peak_bytes: int | None = None) -> dict:
