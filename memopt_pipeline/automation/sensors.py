@@ -38,6 +38,12 @@ def oom_rematerialization_sensor(context: dg.RunFailureSensorContext):
         event.step_key: event.step_failure_data.error.to_string() if event.step_failure_data.error else ""
         for event in context.get_step_failure_events()
     }
+    # A step process killed by the OS fails with a bare ChildProcessCrashException; the exit
+    # signal is in the executor's engine event for that step ("terminated by signal 9").
+    for record in context.instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT).records:
+        step = record.event_log_entry.step_key
+        if step in failures:
+            failures[step] += "\n" + (record.event_log_entry.user_message or "")
     oom_steps = sorted(step for step, text in failures.items() if text_is_out_of_memory(text))
     if not oom_steps:
         context.log.info(f"run {run.run_id}: failure is not out-of-memory ({sorted(failures)}); nothing re-run")

@@ -1,0 +1,125 @@
+"""A real step process SIGKILLed mid-training (what the kernel's OOM killer does).
+
+Runs with Dagster's multiprocess executor, so every step is its own OS process, and kills
+the instance_model process of one partition from outside while it trains. Expected: the
+crash is classified out-of-memory, only that partition's step runs again (one ladder level
+lower), and the final ensemble equals the one of a run that was never killed.
+"""
+
+import threading
+import time
+
+import dagster as dg
+import psutil
+import pytest
+
+from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
+from memopt_pipeline.core.failures import text_is_out_of_memory
+from memopt_pipeline.core.storage import read_json
+
+TRAINING = {"cv_folds": {"config": {"n_folds": 2}}, "instance_model": {"config": {"max_rounds": 150, "early_stopping_rounds": 150, "learning_rate": 0.03, "num_threads": 1}}}
+
+
+def _job(name):
+    from memopt_pipeline.definitions import defs
+
+    return defs.resolve_job_def(name)
+
+
+def prepare_instances():
+    return _job("prepare_instances")
+
+
+def train_instances():
+    return _job("train_instances")
+
+
+def evaluate_and_explain():
+    return _job("evaluate_and_explain")
+
+
+def _run(instance, job_fn, run_config, partition=None):
+    tags = {"dagster/partition": partition} if partition else None
+    result = dg.execute_job(dg.reconstructable(job_fn), instance=instance, run_config=run_config, tags=tags)
+    return result
+
+
+def _pipeline(instance, dataset, kill_partition=None):
+    prepare = _run(instance, prepare_instances, {"ops": {
+        "source_dataset": {"config": {"path": str(dataset)}},
+        "gene_split": {"config": {"sample_genes": 16}},
+        "instance_assignment": {"config": {"n_instances": 2}},
+    }})
+    assert prepare.success
+    train_runs = {}
+    for partition in instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME):
+        killer = _Killer(instance) if partition == kill_partition else None
+        if killer:
+            killer.start()
+        train_runs[partition] = _run(instance, train_instances, {"ops": TRAINING}, partition)
+        if killer:
+            killer.join()
+            train_runs[partition].killed = killer.killed
+    final = _run(instance, evaluate_and_explain, {"ops": {"shap_summary": {"config": {"sample_rows": 100, "chunk_rows": 50}}}})
+    assert final.success
+    return train_runs
+
+
+class _Killer(threading.Thread):
+    """SIGKILLs the instance_model step process one second after that step starts."""
+
+    def __init__(self, instance):
+        super().__init__(daemon=True)
+        self.instance = instance
+        self.killed = []
+        self.started_at = time.time()
+
+    def run(self):
+        deadline = time.time() + 120
+        while time.time() < deadline and not self.killed:
+            records = self.instance.get_event_records(
+                dg.EventRecordsFilter(event_type=dg.DagsterEventType.STEP_START), limit=20, ascending=False
+            )
+            if any(r.event_log_entry.step_key == "instance_model" and r.timestamp >= self.started_at for r in records):
+                time.sleep(1.0)
+                for child in psutil.Process().children(recursive=True):
+                    if "spawn_main" in " ".join(child.cmdline()):
+                        child.kill()
+                        self.killed.append(child.pid)
+                return
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def output_dir(tmp_path, monkeypatch):
+    # Step processes import the definitions afresh and read the output folder from here.
+    monkeypatch.setenv("MEMOPT_OUTPUT_DIR", str(tmp_path / "out"))
+    return tmp_path / "out"
+
+
+def test_sigkilled_instance_step_is_out_of_memory_and_only_that_partition_reruns(tiny_dataset, tmp_path, output_dir, monkeypatch):
+    with dg.instance_for_test() as instance:
+        runs = _pipeline(instance, tiny_dataset, kill_partition="instance_1")
+        killed_run = runs["instance_1"]
+        assert killed_run.killed, "the step process was not found to kill"
+        assert killed_run.success  # the step's RetryPolicy re-ran it one ladder level lower
+
+        events = instance.get_records_for_run(killed_run.run_id).records
+        crash_text = "\n".join(r.event_log_entry.user_message or "" for r in events if r.event_log_entry.step_key == "instance_model")
+        assert "signal 9" in crash_text and text_is_out_of_memory(crash_text)
+        step_starts = [r for r in events if r.event_log_entry.dagster_event_type in (dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_RESTARTED)]
+        assert sorted(r.event_log_entry.step_key for r in step_starts) == ["cv_folds", "instance_model", "instance_model"]
+        # The other partition ran once, untouched.
+        materialized = instance.get_materialized_partitions(dg.AssetKey("instance_model"))
+        assert materialized == {"instance_0", "instance_1"}
+        killed_card = read_json(output_dir / "assets" / "instance_model" / "instance_1.json")
+        assert killed_card["ladder"]["level"] == 1
+        killed_holdout = read_json(output_dir / "assets" / "holdout_evaluation.json")
+
+    clean_output = tmp_path / "clean_out"
+    monkeypatch.setenv("MEMOPT_OUTPUT_DIR", str(clean_output))
+    with dg.instance_for_test() as instance:
+        _pipeline(instance, tiny_dataset)
+        clean_holdout = read_json(clean_output / "assets" / "holdout_evaluation.json")
+    assert killed_holdout["logloss"] == clean_holdout["logloss"]
+    assert killed_holdout["per_class"] == clean_holdout["per_class"]
