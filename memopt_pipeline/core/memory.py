@@ -552,7 +552,7 @@ def virtual_data_bytes() -> int | None:
 
 
 @contextlib.contextmanager
-def hard_memory_cap(budget_bytes: int, margin: float = 0.1) -> Iterator[int | None]:
+def hard_memory_cap(budget_bytes: int, margin: float = 0.1, min_margin_bytes: int = 256 * 1024**2) -> Iterator[int | None]:
     """Cap the process's data segment (RLIMIT_DATA) a little above the budget for the block.
 
     A runaway native allocation then fails inside the process as MemoryError (numpy,
@@ -572,7 +572,7 @@ def hard_memory_cap(budget_bytes: int, margin: float = 0.1) -> Iterator[int | No
         yield None
         return
     headroom = max(budget_bytes - process_rss_bytes(), 0)
-    cap = int(data_now + headroom + margin * budget_bytes)
+    cap = int(data_now + headroom + max(margin * budget_bytes, min_margin_bytes))
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY and cap > hard:
         cap = hard

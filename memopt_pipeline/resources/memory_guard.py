@@ -76,9 +76,16 @@ class MemoryGuard(dg.ConfigurableResource):
             ),
             advice=advice,
         )
-        context.log.info(
-            f"{name}: budget {budget / GiB:.2f} GiB, RSS now {memory.process_rss_bytes() / GiB:.2f} GiB"
-        )
+        rss_now = memory.process_rss_bytes()
+        context.log.info(f"{name}: budget {budget / GiB:.2f} GiB, RSS now {rss_now / GiB:.2f} GiB")
+        if rss_now >= monitor.abort_bytes:
+            # Nothing can run: the process (imports, libraries) already uses the budget.
+            raise dg.Failure(
+                description=f"{name}: the process already uses {rss_now / GiB:.2f} GiB before any work, above the "
+                f"abort threshold ({monitor.abort_bytes / GiB:.2f} GiB of a {budget / GiB:.2f} GiB budget). "
+                f"Set the memory budget to at least {2 * rss_now / GiB:.1f} GiB.",
+                allow_retries=False,
+            )
         try:
             with contextlib.ExitStack() as stack:
                 if self.hard_cap:

@@ -40,3 +40,12 @@ def test_memopt_run_reports_a_bad_dataset_path(tmp_path, monkeypatch, capsys):
     assert exit_code == 1
     error = capsys.readouterr().err
     assert "DatasetError" in error and "missing does not exist" in error
+
+
+def test_budget_below_the_process_baseline_is_a_clear_error(tiny_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    exit_code = main(["run", "--data", str(tiny_dataset), "--output", str(tmp_path / "out"), "--budget-gb", "0.1"])
+    assert exit_code == 1
+    error = capsys.readouterr().err
+    assert "already uses" in error and "Set the memory budget to at least" in error
