@@ -53,7 +53,8 @@ def _run_config(args: argparse.Namespace) -> dict:
         "gene_split": {"config": {"sample_genes": args.sample_genes, "holdout_fraction": args.holdout_fraction}},
         "instance_assignment": {"config": {"n_instances": args.instances, "overlap": args.overlap}},
         "cv_folds": {"config": {"n_folds": args.folds}},
-        "instance_model": {"config": {"max_rounds": args.max_rounds}},
+        "instance_model": {"config": {"max_rounds": args.max_rounds, "backend": args.backend}},
+        "memory_plan": {"config": {"safety": args.plan_safety}},
     }
     # Step-level DEBUG events drown the progress lines; the UI keeps the full event log.
     return {"ops": ops, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -91,7 +92,7 @@ def format_summary(collected: dict[str, dict], wall_seconds: float) -> str:
             name = key[: -len("_pr_auc")]
             lines.append(
                 f"  {name:<10} PR-AUC {holdout[key]:.3f} (prior {holdout[name + '_prevalence']:.3f})  "
-                f"ROC-AUC {holdout[name + '_roc_auc']:.3f}"
+                f"ROC-AUC {holdout[name + '_roc_auc']:.3f}  top-k acc {holdout[name + '_top_k_accuracy']:.3f}"
             )
     lines.append(f"total wall time {wall_seconds:.1f} s")
     return "\n".join(lines)
@@ -111,6 +112,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=float, default=0.1, help="gene overlap between instances")
     parser.add_argument("--folds", type=int, default=3, help="gene-aware CV folds per instance")
     parser.add_argument("--max-rounds", type=int, default=300, help="max boosting rounds in phase 1")
+    parser.add_argument("--backend", choices=["lightgbm", "xgboost"], default="lightgbm", help="boosting library")
+    parser.add_argument(
+        "--plan-safety", type=float, default=0.85,
+        help="share of the budget the plan may fill (values above 1 over-commit on purpose, e.g. to exercise "
+        "the out-of-memory recovery ladder)",
+    )
     parser.add_argument("--demo-genes", type=int, default=SyntheticSpec().n_genes, help="genes in the demo dataset")
     parser.add_argument("--demo-dir", default="data/demo", help="where the demo dataset is generated")
 

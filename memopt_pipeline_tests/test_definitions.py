@@ -7,7 +7,7 @@ def test_definitions_load_with_every_asset_job_and_check():
     repository = defs.get_repository_def()
     keys = {key.to_user_string() for key in repository.asset_graph.get_all_asset_keys()}
     assert keys == {
-        "source_dataset", "dataset_metadata", "memory_plan", "gene_split", "instance_assignment",
+        "source_dataset", "dataset_metadata", "memory_plan", "gene_split", "feature_screening", "instance_assignment",
         "cv_folds", "instance_model", "ensemble_model", "holdout_evaluation", "shap_summary",
     }
     assert {job.name for job in repository.get_all_jobs()} >= {"prepare_instances", "train_instances", "evaluate_and_explain"}

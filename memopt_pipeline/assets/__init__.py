@@ -1,6 +1,7 @@
 from memopt_pipeline.assets.dataset import dataset_metadata, source_dataset
 from memopt_pipeline.assets.evaluation import holdout_evaluation, shap_summary
 from memopt_pipeline.assets.planning import memory_plan
+from memopt_pipeline.assets.screening import feature_screening
 from memopt_pipeline.assets.splits import cv_folds, gene_split, instance_assignment
 from memopt_pipeline.assets.training import ensemble_model, instance_model
 
@@ -10,6 +11,7 @@ ALL_ASSETS = [
     dataset_metadata,
     memory_plan,
     gene_split,
+    feature_screening,
     instance_assignment,
     cv_folds,
     instance_model,
@@ -17,6 +19,6 @@ ALL_ASSETS = [
     holdout_evaluation,
     shap_summary,
 ]
-PREPARE_ASSETS = ALL_ASSETS[:5]  # unpartitioned, up to the instances
-INSTANCE_ASSETS = ALL_ASSETS[5:7]  # one dynamic partition per instance
-FINALIZE_ASSETS = ALL_ASSETS[7:]  # ensemble, evaluation, explanation
+PREPARE_ASSETS = ALL_ASSETS[: ALL_ASSETS.index(cv_folds)]  # unpartitioned, up to the instances
+INSTANCE_ASSETS = [cv_folds, instance_model]  # one dynamic partition per instance
+FINALIZE_ASSETS = ALL_ASSETS[ALL_ASSETS.index(ensemble_model) :]  # ensemble, evaluation, explanation

@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from memopt_pipeline.core.dataset import list_shards, scan_dataset
+from memopt_pipeline.core.ingest import ingest_csv, is_csv_input
 from memopt_pipeline.core.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
@@ -16,8 +17,9 @@ DEFAULT_DEMO_DIR = "data/demo"
 class DatasetConfig(dg.Config):
     path: str = Field(
         default="",
-        description="Parquet file or folder of Parquet shards (sorted by gene for best reads). "
-        "Empty: generate the demo splice-site dataset in demo_dir.",
+        description="Parquet file or folder of Parquet shards (sorted by gene for best reads), or a CSV "
+        "file / folder of CSVs (.csv, .csv.gz), which is streamed into gene-sorted Parquet shards under the "
+        "output folder. Empty: generate the demo splice-site dataset in demo_dir.",
     )
     gene_column: str = Field(default=GENE_COLUMN, description="Column holding the group (gene) id of each row.")
     label_column: str = Field(default=LABEL_COLUMN, description="Column holding the class label of each row.")
@@ -31,13 +33,30 @@ class DatasetConfig(dg.Config):
 
 
 @dg.asset(group_name="dataset")
-def source_dataset(context: dg.AssetExecutionContext, config: DatasetConfig) -> dg.Output[dict]:
-    """The Parquet shards to train on: the configured path, or the generated demo splice-site dataset."""
+def source_dataset(
+    context: dg.AssetExecutionContext, config: DatasetConfig, memory_guard: MemoryGuard, artifacts: ArtifactStore
+) -> dg.Output[dict]:
+    """The Parquet shards to train on: the configured Parquet path, CSV input streamed into gene-sorted
+    Parquet shards, or the generated demo splice-site dataset."""
     generated = not config.path
+    ingested = bool(config.path) and is_csv_input(config.path)
+    ingest_metadata: dict = {}
     if generated:
         spec = SyntheticSpec(n_genes=config.demo_genes, seed=config.demo_seed)
         shards = generate_dataset(config.demo_dir, spec, progress=context.log.info)
         root = Path(config.demo_dir)
+    elif ingested:
+        root = artifacts.path("source_dataset", "ingested", "_").parent
+        with memory_guard.stage(context, "csv_ingest") as monitor:
+            result = ingest_csv(
+                config.path,
+                root,
+                gene_column=config.gene_column,
+                budget_bytes=memory_guard.budget_bytes(),
+                progress=context.log.info,
+            )
+        shards = result.shards
+        ingest_metadata = {"csv_rows": result.rows, "csv_gb": result.input_bytes / 1024**3, **MemoryGuard.metadata(monitor)}
     else:
         root = Path(config.path)
         shards = list_shards(root)
@@ -57,6 +76,8 @@ def source_dataset(context: dg.AssetExecutionContext, config: DatasetConfig) -> 
             "shards": len(shard_paths),
             "disk_gb": disk_bytes / 1024**3,
             "generated_demo": generated,
+            "ingested_from_csv": ingested,
+            **ingest_metadata,
             "dataset_path": dg.MetadataValue.path(str(root.resolve())),
         },
     )

@@ -41,7 +41,13 @@ def holdout_evaluation(
     plan = MemoryPlan.from_dict(memory_plan)
     with memory_guard.stage(context, "holdout_evaluation") as monitor:
         ensemble = _load_ensemble(ensemble_model)
-        reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
+        reader = BatchReader(
+            metadata,
+            checkpoint=monitor.check,
+            log=context.log.info,
+            budget_bytes=monitor.budget_bytes,
+            features=ensemble.feature_names,
+        )
         predictions_path = artifacts.path("holdout_evaluation", "predictions.parquet")
         metrics = evaluate_holdout(
             ensemble,
@@ -55,7 +61,7 @@ def holdout_evaluation(
     per_class = {
         f"{name}_{metric}": float(values[metric])
         for name, values in metrics["per_class"].items()
-        for metric in ("pr_auc", "roc_auc", "prevalence")
+        for metric in ("pr_auc", "roc_auc", "prevalence", "best_f1", "top_k_accuracy")
     }
     context.log.info(
         f"holdout: logloss {metrics['logloss']:.4f} (class prior {metrics['baseline_logloss']:.4f}); "
@@ -70,10 +76,18 @@ def holdout_evaluation(
             "holdout_rows": metrics["rows"],
             "holdout_genes": metrics["genes"],
             **per_class,
+            "per_gene_logloss_median": metrics["per_gene_logloss"]["median"],
+            "per_gene_logloss_p90": metrics["per_gene_logloss"]["p90"],
+            "confusion_matrix": dg.MetadataValue.md(_confusion_markdown(metrics["confusion_matrix"], metadata.classes)),
             "predictions_path": dg.MetadataValue.path(str(predictions_path)),
             **MemoryGuard.metadata(monitor, predicted_peak_bytes=plan.predicted_peak_prediction),
         },
     )
+
+
+def _confusion_markdown(matrix: list[list[int]], classes: list) -> str:
+    header = "| true \\ predicted | " + " | ".join(map(str, classes)) + " |\n|---|" + "---|" * len(classes) + "\n"
+    return header + "\n".join(f"| {c} | " + " | ".join(map(str, row)) + " |" for c, row in zip(classes, matrix))
 
 
 @dg.asset_check(asset=holdout_evaluation, blocking=True, description="The model must beat the class prior.")
@@ -115,7 +129,13 @@ def shap_summary(
         context.log.warning(f"shap: chunk_rows {config.chunk_rows} would not fit the budget; using {chunk_rows}")
     with memory_guard.stage(context, "shap_summary") as monitor:
         ensemble = _load_ensemble(ensemble_model)
-        reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
+        reader = BatchReader(
+            metadata,
+            checkpoint=monitor.check,
+            log=context.log.info,
+            budget_bytes=monitor.budget_bytes,
+            features=ensemble.feature_names,
+        )
         summary = chunked_shap(
             ensemble,
             reader,

@@ -38,6 +38,12 @@ class TrainingConfig(dg.Config):
     min_data_in_leaf: int = Field(default=_DEFAULTS.min_data_in_leaf, description="Minimum rows per leaf.")
     feature_fraction: float = Field(default=_DEFAULTS.feature_fraction, description="Share of features per tree.")
     lambda_l2: float = Field(default=_DEFAULTS.lambda_l2, description="L2 regularisation.")
+    bagging_fraction: float = Field(default=1.0, description="Share of rows sampled per tree (1 = no bagging).")
+    quantized_gradients: bool = Field(
+        default=False,
+        description="LightGBM only: quantized (low-precision) gradients, faster and lighter, akin to mixed "
+        "precision. Cannot be combined with bagging.",
+    )
     num_threads: int = Field(default=0, description="Training threads (0 = all cores).")
     seed: int = Field(default=0, description="Training seed.")
 
@@ -54,6 +60,7 @@ def instance_model(
     cv_folds: dict,
     dataset_metadata: dict,
     memory_plan: dict,
+    feature_screening: dict,
     memory_guard: MemoryGuard,
     artifacts: ArtifactStore,
 ) -> dg.Output[dict]:
@@ -66,25 +73,36 @@ def instance_model(
     )
     if settings.level:
         context.log.warning(f"instance_model: retry at ladder level {settings.level}: {settings.description}")
-    params = BoostingParams(
-        learning_rate=config.learning_rate,
-        num_leaves=plan.num_leaves,
-        max_bin=settings.max_bin,
-        histogram_pool_mb=settings.histogram_pool_mb,
-        min_data_in_leaf=config.min_data_in_leaf,
-        feature_fraction=config.feature_fraction,
-        lambda_l2=config.lambda_l2,
-        max_rounds=config.max_rounds,
-        early_stopping_rounds=config.early_stopping_rounds,
-        num_threads=config.num_threads,
-        seed=config.seed,
-    )
+    try:
+        params = BoostingParams(
+            learning_rate=config.learning_rate,
+            num_leaves=plan.num_leaves,
+            max_bin=settings.max_bin,
+            histogram_pool_mb=settings.histogram_pool_mb,
+            min_data_in_leaf=config.min_data_in_leaf,
+            feature_fraction=config.feature_fraction,
+            lambda_l2=config.lambda_l2,
+            max_rounds=config.max_rounds,
+            early_stopping_rounds=config.early_stopping_rounds,
+            num_threads=config.num_threads,
+            seed=config.seed,
+            bagging_fraction=config.bagging_fraction,
+            quantized_gradients=config.quantized_gradients,
+        )
+    except ValueError as error:  # a configuration error: retrying at a lower memory level cannot help
+        raise dg.Failure(description=str(error), allow_retries=False) from error
     fold_of_gene = cv_folds["fold_of_gene"]
     external_memory = settings.external_memory or (config.backend == "xgboost" and config.external_memory)
     backend = "xgboost" if external_memory else config.backend
     partition_dir = artifacts.path("instance_model", context.partition_key, "model").parent
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
-        reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
+        reader = BatchReader(
+            metadata,
+            checkpoint=monitor.check,
+            log=context.log.info,
+            budget_bytes=monitor.budget_bytes,
+            features=feature_screening["kept"],
+        )
         if backend == "xgboost":
             training = train_instance_xgboost(
                 reader,
@@ -123,7 +141,8 @@ def instance_model(
         "model_format": "xgboost-ubj" if backend == "xgboost" else "lightgbm-text",
         "backend": backend,
         "external_memory": external_memory,
-        "features": metadata.features,
+        "features": feature_screening["kept"],
+        "screened_out": {k: feature_screening[k] for k in ("leaky", "constant", "duplicates")},
         "classes": metadata.classes,
         "params": params.to_dict(),
         "num_rounds": training.num_rounds,

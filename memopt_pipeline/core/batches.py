@@ -60,10 +60,16 @@ class BatchReader:
         id_columns: tuple[str, ...] = ("position",),
         log: Callable[[str], None] | None = None,
         budget_bytes: int | None = None,
+        features: list[str] | None = None,
     ):
         """``checkpoint`` runs after every batch (the memory guard's check); with ``log``, long
-        passes report progress (rows of total, rows/s, time left, RSS against ``budget_bytes``)."""
+        passes report progress (rows of total, rows/s, time left, RSS against ``budget_bytes``).
+        ``features`` (default: all of the metadata's) are the columns batches hold, in order."""
         self.metadata = metadata
+        self.features = list(metadata.features if features is None else features)
+        unknown = sorted(set(self.features) - set(metadata.features))
+        if unknown:
+            raise ValueError(f"features not in the dataset: {unknown[:10]}; re-materialize dataset_metadata")
         self.checkpoint = checkpoint
         self.id_columns = id_columns
         self.log = log
@@ -85,7 +91,7 @@ class BatchReader:
         """Yield :class:`Batch` objects with the rows of ``genes``, at most ``batch_rows`` each."""
         if batch_rows <= 0:
             raise ValueError(f"batch_rows must be positive, got {batch_rows}")
-        features = list(self.metadata.features if features is None else features)
+        features = list(self.features if features is None else features)
         yield from self._scan(genes, batch_rows, features, with_ids=with_ids, purpose=purpose)
 
     def read_labels(self, genes: Collection[str], batch_rows: int = 1_000_000) -> np.ndarray:

@@ -24,6 +24,7 @@ import lightgbm as lgb
 import numpy as np
 
 from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.core.memory import process_rss_bytes
 
 
 @dataclass
@@ -39,6 +40,20 @@ class BoostingParams:
     num_threads: int = 0  # 0 = LightGBM default (all cores)
     seed: int = 0
     histogram_pool_mb: float | None = None  # cap on LightGBM's histogram cache (None = unbounded)
+    bagging_fraction: float = 1.0  # share of rows per tree (1 = no bagging)
+    quantized_gradients: bool = False  # LightGBM use_quantized_grad: low-precision gradients, less memory/time
+
+    def __post_init__(self):
+        # LightGBM 4.7 crashes (native abort, not an exception) when quantized gradients meet
+        # bagging; refuse the combination before any data is loaded.
+        if self.quantized_gradients and self.bagging_fraction < 1.0:
+            raise ValueError(
+                "quantized_gradients cannot be combined with bagging (bagging_fraction="
+                f"{self.bagging_fraction}): LightGBM 4.7 crashes on it. Set bagging_fraction to 1.0 or turn "
+                "quantized_gradients off"
+            )
+        if not 0.0 < self.bagging_fraction <= 1.0:
+            raise ValueError(f"bagging_fraction must be in (0, 1], got {self.bagging_fraction}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +79,8 @@ def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: 
         "bin_construct_sample_cnt": bin_sample_rows,
         "verbosity": -1,
         **({"histogram_pool_size": params.histogram_pool_mb} if params.histogram_pool_mb else {}),
+        **({"bagging_fraction": params.bagging_fraction, "bagging_freq": 1} if params.bagging_fraction < 1.0 else {}),
+        **({"use_quantized_grad": True} if params.quantized_gradients else {}),
     }
 
 
@@ -148,7 +165,7 @@ def build_dataset(
         label=labels,
         reference=reference,
         params=lgb_params,
-        feature_name=list(reader.metadata.features),
+        feature_name=list(reader.features),
         free_raw_data=True,
     )
     return dataset.construct()
@@ -193,7 +210,10 @@ def _progress_callback(log: Callable[[str], None], label: str, total_rounds: int
         if now - state["last"] >= every_seconds:
             done = env.iteration + 1
             rate = done / max(now - state["start"], 1e-9)
-            log(f"{label}: round {done}/{total_rounds} ({rate:.1f} rounds/s, at most {(total_rounds - done) / rate:.0f} s left)")
+            log(
+                f"{label}: round {done}/{total_rounds} ({rate:.1f} rounds/s, at most {(total_rounds - done) / rate:.0f} s left), "
+                f"RSS {process_rss_bytes() / 2**30:.2f} GiB"
+            )
             state["last"] = now
 
     callback.order = 40  # after evaluation, before early stopping's check

@@ -35,6 +35,7 @@ def evaluate_holdout(
     metadata = reader.metadata
     labels_parts: list[np.ndarray] = []
     proba_parts: list[np.ndarray] = []
+    gene_parts: list[np.ndarray] = []
     probability_columns = _probability_columns(metadata.classes)
     writer: IncrementalParquetWriter | None = None
     started = time.monotonic()
@@ -48,6 +49,7 @@ def evaluate_holdout(
                 writer = IncrementalParquetWriter(predictions_path, table.schema)
             writer.write(table)
             labels_parts.append(batch.labels)
+            gene_parts.append(batch.ids.column(metadata.gene_column).to_numpy(zero_copy_only=False))
             proba_parts.append(proba.astype(np.float32))
     except BaseException:
         if writer is not None:
@@ -58,7 +60,7 @@ def evaluate_holdout(
     writer.close()
     labels = np.concatenate(labels_parts)
     proba = np.concatenate(proba_parts)
-    metrics = multiclass_metrics(labels, proba, metadata.classes)
+    metrics = multiclass_metrics(labels, proba, metadata.classes, genes=np.concatenate(gene_parts))
     metrics["genes"] = len(genes)
     metrics["seconds"] = time.monotonic() - started
     return metrics

@@ -44,7 +44,7 @@ def chunked_shap(
 ) -> ShapSummary:
     """Contributions for the first ``sample_rows`` rows of ``genes`` in ``chunk_rows`` chunks."""
     metadata = reader.metadata
-    sums = np.zeros((metadata.n_classes, metadata.n_features), dtype=np.float64)
+    sums = np.zeros((metadata.n_classes, len(reader.features)), dtype=np.float64)
     rows = chunks = 0
     additivity_error = 0.0
     for batch in reader.iter_batches(genes, chunk_rows, purpose="shap"):
@@ -65,7 +65,7 @@ def chunked_shap(
         raise ValueError("no holdout rows to explain; check gene_split")
     log(f"shap: {rows:,} rows in {chunks} chunks, additivity error {additivity_error:.2e}")
     return ShapSummary(
-        features=list(metadata.features),
+        features=list(reader.features),
         classes=list(metadata.classes),
         mean_abs=sums / rows,
         rows=rows,

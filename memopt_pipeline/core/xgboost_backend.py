@@ -80,7 +80,7 @@ class ReaderIter(xgboost.DataIter):
         self.reader = reader
         self.genes = list(genes)
         self.batch_rows = batch_rows
-        self.feature_names = list(reader.metadata.features)
+        self.feature_names = list(reader.features)
         self.passes = 0  # reset() calls, i.e. passes started over the data
         self.rows_last_pass = 0
         self._rows = 0

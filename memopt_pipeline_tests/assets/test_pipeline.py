@@ -34,7 +34,7 @@ def pipeline_run(tiny_dataset, tmp_path_factory):
 def test_every_asset_and_partition_materialized(pipeline_run):
     collected, _ = pipeline_run
     expected = {
-        "source_dataset", "dataset_metadata", "memory_plan", "gene_split", "instance_assignment",
+        "source_dataset", "dataset_metadata", "memory_plan", "gene_split", "feature_screening", "instance_assignment",
         "cv_folds [instance_0]", "cv_folds [instance_1]", "instance_model [instance_0]", "instance_model [instance_1]",
         "ensemble_model", "holdout_evaluation", "shap_summary",
     }

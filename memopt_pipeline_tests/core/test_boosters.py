@@ -53,3 +53,25 @@ def test_train_instance_two_phases_beats_the_prior(tiny_metadata):
     metrics = multiclass_metrics(labels, training.booster.predict(features), tiny_metadata.classes)
     assert metrics["logloss"] < metrics["baseline_logloss"]
     assert metrics["per_class"]["donor"]["pr_auc"] > 2 * metrics["per_class"]["donor"]["prevalence"]
+
+
+def test_quantized_gradients_with_bagging_is_refused_before_training():
+    import pytest
+
+    from memopt_pipeline.core.boosters import lightgbm_params
+
+    with pytest.raises(ValueError, match="quantized_gradients cannot be combined with bagging"):
+        BoostingParams(quantized_gradients=True, bagging_fraction=0.8)
+    params = lightgbm_params(BoostingParams(quantized_gradients=True), n_classes=3, bin_sample_rows=1000)
+    assert params["use_quantized_grad"] is True and "bagging_fraction" not in params
+
+
+def test_quantized_gradients_train(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    folds = gene_folds(stats, n_folds=2, seed=0)
+    training = train_instance(
+        BatchReader(tiny_metadata), folds,
+        params=BoostingParams(max_rounds=10, num_threads=1, min_data_in_leaf=5, quantized_gradients=True),
+        batch_rows=500, bin_sample_rows=2_000,
+    )
+    assert training.num_rounds >= 1

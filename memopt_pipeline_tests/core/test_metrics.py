@@ -23,3 +23,25 @@ def test_absent_class_has_nan_ranking_metrics():
     result = multiclass_metrics(labels, proba, [0, 1, 2])
     assert math.isnan(result["per_class"]["2"]["pr_auc"])
     assert result["per_class"]["1"]["roc_auc"] == 1.0
+
+
+def test_splice_metrics_top_k_f1_confusion_and_gene_spread():
+    from memopt_pipeline.core.metrics import top_k_accuracy
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 0])
+    proba = np.array(
+        [
+            [0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1],
+            [0.1, 0.8, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05],
+        ]
+    )
+    genes = np.array(["a", "a", "a", "a", "b", "b", "b", "b"])
+    result = multiclass_metrics(labels, proba, ["neither", "donor", "acceptor"], genes=genes)
+    # donor: k = 2 true sites; the two highest donor scores are rows 4 (donor) and 1 (neither).
+    assert result["per_class"]["donor"]["top_k_accuracy"] == 0.5
+    assert result["per_class"]["acceptor"]["top_k_accuracy"] == 1.0
+    assert result["per_class"]["acceptor"]["best_f1"] == 1.0
+    assert result["confusion_matrix"] == [[4, 1, 0], [1, 1, 0], [0, 0, 1]]
+    spread = result["per_gene_logloss"]
+    assert spread["genes"] == 2 and spread["worst"] >= spread["median"] >= 0
+    assert math.isnan(top_k_accuracy(np.zeros(3, dtype=bool), np.ones(3)))
