@@ -158,7 +158,7 @@ def xgboost_params(params: BoostingParams, *, n_classes: int, device: str) -> di
     - num_leaves -> max_leaves with grow_policy="lossguide" and max_depth=0 (no depth
       limit): leaf-wise growth like LightGBM, instead of XGBoost's default depth-wise;
     - min_data_in_leaf -> min_child_weight = min_data_in_leaf * HESSIAN_PER_ROW (see there);
-    - no row subsampling (subsample=1), as in LightGBM's defaults.
+    - bagging_fraction -> subsample (1 = no row subsampling, both libraries' default).
     """
     return {
         "objective": "multi:softprob",
@@ -172,7 +172,7 @@ def xgboost_params(params: BoostingParams, *, n_classes: int, device: str) -> di
         "max_leaves": params.num_leaves,
         "max_depth": 0,
         "min_child_weight": params.min_data_in_leaf * HESSIAN_PER_ROW,
-        "subsample": 1.0,
+        "subsample": params.bagging_fraction,
         "colsample_bytree": params.feature_fraction,
         "lambda": params.lambda_l2,
         "nthread": params.num_threads,
