@@ -92,7 +92,11 @@ def instance_model(
     except ValueError as error:  # a configuration error: retrying at a lower memory level cannot help
         raise dg.Failure(description=str(error), allow_retries=False) from error
     fold_of_gene = cv_folds["fold_of_gene"]
-    external_memory = settings.external_memory or (config.backend == "xgboost" and config.external_memory)
+    external_memory = (
+        settings.external_memory
+        or plan.strategy == "external_memory"
+        or (config.backend == "xgboost" and config.external_memory)
+    )
     backend = "xgboost" if external_memory else config.backend
     partition_dir = artifacts.path("instance_model", context.partition_key, "model").parent
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:

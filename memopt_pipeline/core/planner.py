@@ -96,7 +96,7 @@ class MemoryPlan:
     batch_rows: int
     bin_sample_rows: int
     max_rows_per_instance: int
-    strategy: str  # "in_memory" (all rows fit one model) or "multi_instance"
+    strategy: str  # "in_memory" (all rows fit one model), "multi_instance", or "external_memory"
     min_instances_full_data: int
     predicted_peak_full_data: int  # training on all rows in one model (what naive code would need)
     predicted_peak_prediction: int  # streaming prediction with one batch
@@ -122,6 +122,8 @@ class MemoryPlan:
 
     def instances_needed(self, rows: int, overlap: float = 0.0) -> int:
         """Instances so that each one's rows (its share plus overlap) fit the plan."""
+        if self.strategy == "external_memory":
+            return 1  # binned rows live on disk: one instance holds everything
         return max(1, math.ceil(rows * (1.0 + overlap) / self.max_rows_per_instance))
 
     def to_dict(self) -> dict:
@@ -130,6 +132,19 @@ class MemoryPlan:
     @classmethod
     def from_dict(cls, payload: dict) -> "MemoryPlan":
         return cls(**payload)
+
+
+def external_memory_peak(
+    *, rows: int, n_features: int, n_classes: int, max_bin: int, num_leaves: int, batch_rows: int, baseline_bytes: int
+) -> int:
+    """Predicted peak of XGBoost external-memory training: baseline, per-row state, histograms,
+    one raw batch in conversion. The binned pages live on disk."""
+    return (
+        baseline_bytes
+        + rows * n_classes * PER_ROW_STATE_BYTES_PER_CLASS
+        + num_leaves * n_features * max_bin * HISTOGRAM_BYTES_PER_BIN
+        + batch_rows * n_features * 4 * RAW_BATCH_COPIES
+    )
 
 
 def default_batch_rows(budget_bytes: int, n_features: int) -> int:
@@ -166,7 +181,17 @@ def make_plan(
     per_row = n_features * bytes_per_binned_cell(max_bin) + n_classes * PER_ROW_STATE_BYTES_PER_CLASS
     room = usable - fixed.baseline - fixed.histograms - transient
     max_rows = int(room // per_row) if room > 0 else 0
+    external = False
     if max_rows < MIN_INSTANCE_ROWS:
+        # No in-memory instance fits. XGBoost external memory keeps the binned rows on disk:
+        # RAM holds per-row gradients/predictions, the histograms and one raw batch (no bin
+        # sample: it sketches batch by batch).
+        external_peak = external_memory_peak(
+            rows=dataset_rows, n_features=n_features, n_classes=n_classes, max_bin=max_bin,
+            num_leaves=num_leaves, batch_rows=batch_rows, baseline_bytes=baseline_bytes,
+        )
+        external = external_peak <= usable
+    if max_rows < MIN_INSTANCE_ROWS and not external:
         needed = (fixed.baseline + fixed.histograms + transient + MIN_INSTANCE_ROWS * per_row) / safety
         raise PlanError(
             f"a {budget_bytes / GiB:.2f} GiB budget cannot train even {MIN_INSTANCE_ROWS:,} rows x "
@@ -193,9 +218,10 @@ def make_plan(
         num_leaves=num_leaves,
         batch_rows=batch_rows,
         bin_sample_rows=bin_sample_rows,
-        max_rows_per_instance=max_rows,
-        strategy="in_memory" if dataset_rows <= max_rows else "multi_instance",
-        min_instances_full_data=max(1, math.ceil(dataset_rows / max_rows)),
+        max_rows_per_instance=max(dataset_rows, 1) if external else max_rows,
+        strategy="external_memory" if external else ("in_memory" if dataset_rows <= max_rows else "multi_instance"),
+        # External memory trains all rows in one instance: its RAM does not grow with binned data.
+        min_instances_full_data=1 if external else max(1, math.ceil(dataset_rows / max_rows)),
         predicted_peak_full_data=full.total,
         predicted_peak_prediction=prediction_peak,
         disk_needed_bytes=disk_needed,

@@ -63,3 +63,12 @@ def test_plan_estimates_disk_and_shap_memory():
     plan = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, **SHAPE)
     assert plan.disk_needed_bytes > 2_000_000 * 300  # at least one binned copy for caches
     assert plan.shap_peak(10_000) > plan.shap_peak(1_000) > plan.baseline_bytes
+
+
+def test_when_no_in_memory_instance_fits_the_plan_chooses_external_memory():
+    # 0.62 GiB: baseline + bin sample + histograms leave room for < 1,000 binned rows, but
+    # external memory needs only per-row state + histograms + one batch.
+    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int(0.62 * GiB), **SHAPE)
+    assert plan.strategy == "external_memory"
+    assert plan.instances_needed(1_000_000, overlap=0.1) == 1
+    assert plan.max_rows_per_instance == 1_000_000
