@@ -5,8 +5,7 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY
-from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, guarded_reader
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ensemble import Ensemble, EnsembleMember
 from memopt_pipeline.core.evaluation import evaluate_holdout
@@ -41,13 +40,7 @@ def holdout_evaluation(
     plan = MemoryPlan.from_dict(memory_plan)
     with memory_guard.stage(context, "holdout_evaluation") as monitor:
         ensemble = _load_ensemble(ensemble_model)
-        reader = BatchReader(
-            metadata,
-            checkpoint=monitor.check,
-            log=context.log.info,
-            budget_bytes=monitor.budget_bytes,
-            features=ensemble.feature_names,
-        )
+        reader = guarded_reader(context, metadata, monitor, features=ensemble.feature_names)
         predictions_path = artifacts.path("holdout_evaluation", "predictions.parquet")
         metrics = evaluate_holdout(
             ensemble,
@@ -129,13 +122,7 @@ def shap_summary(
         context.log.warning(f"shap: chunk_rows {config.chunk_rows} would not fit the budget; using {chunk_rows}")
     with memory_guard.stage(context, "shap_summary") as monitor:
         ensemble = _load_ensemble(ensemble_model)
-        reader = BatchReader(
-            metadata,
-            checkpoint=monitor.check,
-            log=context.log.info,
-            budget_bytes=monitor.budget_bytes,
-            features=ensemble.feature_names,
-        )
+        reader = guarded_reader(context, metadata, monitor, features=ensemble.feature_names)
         summary = chunked_shap(
             ensemble,
             reader,

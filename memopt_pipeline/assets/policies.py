@@ -1,8 +1,11 @@
-"""Retry and concurrency settings shared by the memory-heavy assets."""
+"""What the memory-heavy assets share: retry policy, concurrency pool, ladder level, guarded reader."""
 
 import dagster as dg
 
+from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ladder import MAX_LEVEL, ladder_level
+from memopt_pipeline.core.memory import StageMonitor
 
 # Each retry runs one ladder level lower (core/ladder.py). MemoryGuard turns every failure
 # that is not out-of-memory into a non-retryable Failure, so only OOMs are retried.
@@ -14,3 +17,20 @@ MEMORY_POOL = "memory_heavy"
 
 def current_ladder_level(context: dg.AssetExecutionContext) -> int:
     return ladder_level(context.retry_number, context.run.tags)
+
+
+def guarded_reader(
+    context: dg.AssetExecutionContext,
+    metadata: DatasetMetadata,
+    monitor: StageMonitor,
+    features: list[str] | None = None,
+) -> BatchReader:
+    """The batch reader of a stage under MemoryGuard: the guard's check point after every
+    batch, progress lines in the run log, RSS reported against the stage's budget."""
+    return BatchReader(
+        metadata,
+        checkpoint=monitor.check,
+        log=context.log.info,
+        budget_bytes=monitor.budget_bytes,
+        features=features,
+    )

@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.assets.policies import guarded_reader
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.planner import MemoryPlan
 from memopt_pipeline.core.screening import screen_features
@@ -36,7 +36,7 @@ def feature_screening(
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     plan = MemoryPlan.from_dict(memory_plan)
     with memory_guard.stage(context, "feature_screening") as monitor:
-        reader = BatchReader(metadata, checkpoint=monitor.check, log=context.log.info, budget_bytes=monitor.budget_bytes)
+        reader = guarded_reader(context, metadata, monitor)
         result = screen_features(
             reader,
             gene_split["train_genes"],

@@ -7,8 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from memopt_pipeline.assets.partitions import instance_partitions
-from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level
-from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level, guarded_reader
 from memopt_pipeline.core.boosters import BoostingParams, train_instance
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ladder import settings_for
@@ -100,13 +99,7 @@ def instance_model(
     backend = "xgboost" if external_memory else config.backend
     partition_dir = artifacts.path("instance_model", context.partition_key, "model").parent
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
-        reader = BatchReader(
-            metadata,
-            checkpoint=monitor.check,
-            log=context.log.info,
-            budget_bytes=monitor.budget_bytes,
-            features=feature_screening["kept"],
-        )
+        reader = guarded_reader(context, metadata, monitor, features=feature_screening["kept"])
         if backend == "xgboost":
             training = train_instance_xgboost(
                 reader,
