@@ -52,8 +52,16 @@ def _run_config(args: argparse.Namespace) -> dict:
         },
         "gene_split": {"config": {"sample_genes": args.sample_genes, "holdout_fraction": args.holdout_fraction}},
         "instance_assignment": {"config": {"n_instances": args.instances, "overlap": args.overlap}},
-        "cv_folds": {"config": {"n_folds": args.folds}},
-        "instance_model": {"config": {"max_rounds": args.max_rounds, "backend": args.backend}},
+        "cv_folds": {"config": {"n_folds": args.folds, "fast": args.fast}},
+        "instance_model": {
+            "config": {
+                "max_rounds": args.max_rounds,
+                "backend": args.backend,
+                "objective": args.objective,
+                "calibration": args.calibration,
+            }
+        },
+        "ensemble_model": {"config": {"weighting": args.weighting}},
         "memory_plan": {"config": {"safety": args.plan_safety}},
     }
     # Step-level DEBUG events drown the progress lines; the UI keeps the full event log.
@@ -111,7 +119,21 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=0, help="instance models (0 = as the plan needs)")
     parser.add_argument("--overlap", type=float, default=0.1, help="gene overlap between instances")
     parser.add_argument("--folds", type=int, default=3, help="gene-aware CV folds per instance")
+    parser.add_argument(
+        "--fast", action="store_true", help="fast mode: one gene-aware 95/5 validation split instead of k folds"
+    )
     parser.add_argument("--max-rounds", type=int, default=300, help="max boosting rounds in phase 1")
+    parser.add_argument(
+        "--objective", choices=["softmax", "ovr"], default="softmax", help="multiclass softmax or one-vs-rest"
+    )
+    parser.add_argument(
+        "--calibration", choices=["platt", "isotonic", "none"], default="platt",
+        help="per-class calibration fitted on out-of-fold predictions",
+    )
+    parser.add_argument(
+        "--weighting", choices=["equal", "validation"], default="equal",
+        help="ensemble weights: equal, or proportional to 1 / cross-validated logloss",
+    )
     parser.add_argument("--backend", choices=["lightgbm", "xgboost"], default="lightgbm", help="boosting library")
     parser.add_argument(
         "--plan-safety", type=float, default=0.85,

@@ -15,8 +15,16 @@ from memopt_pipeline.core.storage import write_parquet
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 
-def _load_ensemble(ensemble_model: dict) -> Ensemble:
-    return Ensemble([EnsembleMember(**member) for member in ensemble_model["members"]])
+# Share of the budget the loaded instance models may take together; above it they are
+# loaded one at a time (the rest of the budget is for the batches and the predictions).
+MODELS_BUDGET_SHARE = 0.25
+
+
+def _load_ensemble(ensemble_model: dict, plan: MemoryPlan) -> Ensemble:
+    return Ensemble(
+        [EnsembleMember(**member) for member in ensemble_model["members"]],
+        max_resident_bytes=int(plan.budget_bytes * MODELS_BUDGET_SHARE),
+    )
 
 
 class EvaluationConfig(dg.Config):
@@ -39,7 +47,7 @@ def holdout_evaluation(
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     plan = MemoryPlan.from_dict(memory_plan)
     with memory_guard.stage(context, "holdout_evaluation") as monitor:
-        ensemble = _load_ensemble(ensemble_model)
+        ensemble = _load_ensemble(ensemble_model, plan)
         reader = guarded_reader(context, metadata, monitor, features=ensemble.feature_names)
         predictions_path = artifacts.path("holdout_evaluation", "predictions.parquet")
         metrics = evaluate_holdout(
@@ -66,6 +74,10 @@ def holdout_evaluation(
             "logloss": metrics["logloss"],
             "baseline_logloss": metrics["baseline_logloss"],
             "accuracy": metrics["accuracy"],
+            "uncalibrated_logloss": metrics["uncalibrated_logloss"],
+            "ece_before_calibration": metrics["ece_before_calibration"]["mean"],
+            "ece_after_calibration": metrics["ece_after_calibration"]["mean"],
+            "models_loaded_one_at_a_time": metrics["models_loaded_one_at_a_time"],
             "holdout_rows": metrics["rows"],
             "holdout_genes": metrics["genes"],
             **per_class,
@@ -121,7 +133,7 @@ def shap_summary(
     if chunk_rows != config.chunk_rows:
         context.log.warning(f"shap: chunk_rows {config.chunk_rows} would not fit the budget; using {chunk_rows}")
     with memory_guard.stage(context, "shap_summary") as monitor:
-        ensemble = _load_ensemble(ensemble_model)
+        ensemble = _load_ensemble(ensemble_model, plan)
         reader = guarded_reader(context, metadata, monitor, features=ensemble.feature_names)
         summary = chunked_shap(
             ensemble,

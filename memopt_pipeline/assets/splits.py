@@ -7,7 +7,7 @@ from pydantic import Field
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME, instance_key, instance_partitions
 from memopt_pipeline.core.dataset import DatasetMetadata
-from memopt_pipeline.core.folds import assign_instances, fold_class_counts, gene_folds
+from memopt_pipeline.core.folds import assign_instances, fast_validation_split, fold_class_counts, gene_folds
 from memopt_pipeline.core.planner import MemoryPlan
 from memopt_pipeline.core.sampling import GeneSplit, split_genes
 
@@ -106,6 +106,11 @@ def instance_assignment(
 class FoldConfig(dg.Config):
     n_folds: int = Field(default=3, description="Gene-aware cross-validation folds per instance (>= 2).")
     seed: int = Field(default=0, description="Seed of the fold assignment.")
+    fast: bool = Field(
+        default=False,
+        description="Fast mode: instead of k folds, one gene-aware 95%/5% split; phase 1 trains once and "
+        "early-stops on the 5% (n_folds is ignored).",
+    )
 
 
 @dg.asset(group_name="splits", partitions_def=instance_partitions)
@@ -121,11 +126,20 @@ def cv_folds(
         )
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     stats = metadata.read_gene_stats().filter(pl.col("gene").is_in(instance["genes"]))
-    folds = gene_folds(stats, n_folds=config.n_folds, seed=config.seed)
+    try:
+        if config.fast:
+            folds = fast_validation_split(stats, seed=config.seed)
+            value = {"fold_of_gene": folds, "n_folds": 2, "validation_folds": [1], "mode": "fast"}
+        else:
+            folds = gene_folds(stats, n_folds=config.n_folds, seed=config.seed)
+            value = {"fold_of_gene": folds, "n_folds": config.n_folds, "mode": "kfold"}
+    except ValueError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from error
     per_fold = fold_class_counts(stats, folds)
     return dg.Output(
-        {"fold_of_gene": folds, "n_folds": config.n_folds},
+        value,
         metadata={
+            "mode": value["mode"],
             "genes": len(folds),
             "rows": int(stats["rows"].sum()),
             "fold_rows": dg.MetadataValue.json(per_fold["rows"].to_list()),

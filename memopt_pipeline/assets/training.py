@@ -9,6 +9,8 @@ from pydantic import Field
 from memopt_pipeline.assets.partitions import instance_partitions
 from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level, guarded_reader
 from memopt_pipeline.core.boosters import BoostingParams, train_instance
+from memopt_pipeline.core.calibration import apply_calibration, expected_calibration_error, fit_calibration
+from memopt_pipeline.core.ensemble import validation_weights
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ladder import settings_for
 from memopt_pipeline.core.memory import lightgbm_callback, release_memory, xgboost_callback
@@ -23,6 +25,17 @@ _DEFAULTS = BoostingParams()
 class TrainingConfig(dg.Config):
     backend: Literal["lightgbm", "xgboost"] = Field(
         default="lightgbm", description="Boosting library. XGBoost uses the GPU when one is detected."
+    )
+    objective: Literal["softmax", "ovr"] = Field(
+        default="softmax",
+        description="softmax: one multiclass model; ovr: one-vs-rest, one binary model per class "
+        "(LightGBM multiclassova, XGBoost binary:logistic on one-hot labels); probabilities renormalised.",
+    )
+    calibration: Literal["platt", "isotonic", "none"] = Field(
+        default="platt",
+        description="Per-class probability calibration fitted on the out-of-fold predictions of phase 1, "
+        "stored in the model card and applied at prediction time. platt: logistic on the logit (2 numbers "
+        "per class); isotonic: monotone steps (needs more rows); none: renormalise only.",
     )
     external_memory: bool = Field(
         default=False,
@@ -87,10 +100,13 @@ def instance_model(
             seed=config.seed,
             bagging_fraction=config.bagging_fraction,
             quantized_gradients=config.quantized_gradients,
+            objective=config.objective,
         )
     except ValueError as error:  # a configuration error: retrying at a lower memory level cannot help
         raise dg.Failure(description=str(error), allow_retries=False) from error
     fold_of_gene = cv_folds["fold_of_gene"]
+    # Fast mode validates on one 5% fold only; k-fold cv_folds validate on every fold.
+    validation_folds = cv_folds.get("validation_folds")
     external_memory = (
         settings.external_memory
         or plan.strategy == "external_memory"
@@ -110,6 +126,7 @@ def instance_model(
                 callbacks=[xgboost_callback(monitor)],
                 log=context.log.info,
                 release=release_memory,
+                validation_folds=validation_folds,
             )
             model_path = partition_dir / "model.ubj"
             save_xgboost_model(training.booster, model_path)
@@ -123,6 +140,7 @@ def instance_model(
                 callbacks=[lightgbm_callback(monitor)],
                 log=context.log.info,
                 release=release_memory,
+                validation_folds=validation_folds,
             )
             model_path = partition_dir / "model.txt"
             with atomic_path(model_path) as tmp:
@@ -132,6 +150,7 @@ def instance_model(
         if stale != model_path and stale.exists():
             stale.unlink()
     fold_summary = training.fold_summary()
+    calibration, calibration_report = _calibrate(context, training, config.calibration)
     card = {
         "partition": context.partition_key,
         "model_path": str(model_path),
@@ -147,6 +166,10 @@ def instance_model(
         "train_rows": training.train_rows,
         "rows_read": reader.stats.rows_read,
         "ladder": settings.to_dict(),
+        "objective": config.objective,
+        "cv_mode": cv_folds.get("mode", "kfold"),
+        "calibration": calibration,
+        "calibration_report": calibration_report,
         **fold_summary,
     }
     write_json(model_path.with_name("model_card.json"), card)
@@ -156,6 +179,13 @@ def instance_model(
             "num_rounds": training.num_rounds,
             "cv_logloss_mean": fold_summary["cv_logloss_mean"],
             "cv_logloss_std": fold_summary["cv_logloss_std"],
+            **{f"cv_pr_auc_{c}_mean": v["mean"] for c, v in fold_summary["cv_pr_auc"].items()},
+            **{f"cv_pr_auc_{c}_std": v["std"] for c, v in fold_summary["cv_pr_auc"].items()},
+            "objective": config.objective,
+            "calibration": config.calibration,
+            "oof_ece_before": calibration_report["ece_before"]["mean"],
+            "oof_ece_after": calibration_report["ece_after"]["mean"],
+            "fold_metrics": dg.MetadataValue.md(_fold_table(fold_summary)),
             "train_rows": training.train_rows,
             "train_genes": training.train_genes,
             "rows_read": reader.stats.rows_read,
@@ -171,27 +201,93 @@ def instance_model(
     )
 
 
+def _calibrate(context: dg.AssetExecutionContext, training, method: str) -> tuple[dict, dict]:
+    """Fit the per-class calibration on the out-of-fold predictions; ECE before and after.
+
+    The "after" figure is measured on the rows the map was fitted on, so it is optimistic;
+    holdout_evaluation reports both on genes no model has seen."""
+    labels, proba = training.oof_labels, training.oof_proba
+    if labels is None:
+        raise dg.Failure(
+            "this backend produced no out-of-fold predictions to calibrate on; set calibration to 'none'",
+            allow_retries=False,
+        )
+    calibration = fit_calibration(labels, proba, method=method)
+    before = expected_calibration_error(labels, proba)
+    after = expected_calibration_error(labels, apply_calibration(calibration, proba))
+    context.log.info(
+        f"calibration ({method}) on {len(labels):,} out-of-fold rows: mean ECE {before['mean']:.4f} -> {after['mean']:.4f}"
+    )
+    return calibration, {"rows": int(len(labels)), "ece_before": before, "ece_after": after}
+
+
+def _fold_table(summary: dict) -> str:
+    classes = list(summary["cv_pr_auc"])
+    header = "| fold | best iteration | valid logloss | " + " | ".join(f"PR-AUC {c}" for c in classes) + " |\n"
+    header += "|---|---|---|" + "---|" * len(classes) + "\n"
+    rows = [
+        f"| {f['fold']} | {f['best_iteration']} | {f['valid_logloss']:.4f} | "
+        + " | ".join(f"{f['pr_auc'].get(c, float('nan')):.3f}" for c in classes)
+        + " |"
+        for f in summary["folds"]
+    ]
+    mean = (
+        f"| mean ± std | {summary['best_iteration_mean']:.1f} | {summary['cv_logloss_mean']:.4f} ± {summary['cv_logloss_std']:.4f} | "
+        + " | ".join(f"{v['mean']:.3f} ± {v['std']:.3f}" for v in summary["cv_pr_auc"].values())
+        + " |"
+    )
+    return header + "\n".join(rows + [mean])
+
+
+class EnsembleConfig(dg.Config):
+    weighting: Literal["equal", "validation"] = Field(
+        default="equal",
+        description="equal: every instance counts the same; validation: weights proportional to 1 / the "
+        "instance's cross-validated logloss.",
+    )
+
+
 @dg.asset(group_name="training")
-def ensemble_model(context: dg.AssetExecutionContext, instance_model: dict, instance_assignment: dict, gene_split: dict) -> dg.Output[dict]:
-    """All instance models, averaged; checks that together they cover 100% of the training genes."""
+def ensemble_model(
+    context: dg.AssetExecutionContext,
+    config: EnsembleConfig,
+    instance_model: dict,
+    instance_assignment: dict,
+    gene_split: dict,
+) -> dg.Output[dict]:
+    """All instance models' calibrated probabilities, averaged (equal or validation weights); checks
+    that together they cover 100% of the training genes."""
     expected = set(instance_assignment["instances"])
     present = set(instance_model)
     if expected - present:
         raise dg.Failure(
             f"instance_model is missing partitions {sorted(expected - present)}; materialize them before the ensemble"
         )
+    keys = sorted(expected)
+    if config.weighting == "validation":
+        weights = validation_weights([instance_model[k]["cv_logloss_mean"] for k in keys])
+    else:
+        weights = [1.0 / len(keys)] * len(keys)
     members = [
-        {"partition": key, "model_path": instance_model[key]["model_path"], "weight": 1.0} for key in sorted(expected)
+        {
+            "partition": key,
+            "model_path": instance_model[key]["model_path"],
+            "weight": weight,
+            "calibration": instance_model[key].get("calibration"),
+        }
+        for key, weight in zip(keys, weights)
     ]
     covered = set().union(*(set(instance_assignment["instances"][k]["genes"]) for k in expected))
     coverage = len(covered & set(gene_split["train_genes"])) / len(gene_split["train_genes"])
     if coverage < 1.0:
         raise dg.Failure(f"instance models cover only {coverage:.1%} of the training genes; re-run instance_assignment")
     return dg.Output(
-        {"members": members, "coverage": coverage},
+        {"members": members, "coverage": coverage, "weighting": config.weighting},
         metadata={
             "instances": len(members),
             "gene_coverage": coverage,
+            "weighting": config.weighting,
+            "weights": dg.MetadataValue.json({m["partition"]: m["weight"] for m in members}),
             "per_instance_cv_logloss": dg.MetadataValue.json(
                 {k: instance_model[k]["cv_logloss_mean"] for k in sorted(expected)}
             ),

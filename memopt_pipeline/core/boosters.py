@@ -6,9 +6,17 @@ batch reader, holding one batch at a time. Validation sets are built with
 ``reference=train`` so they share the training bin edges.
 
 Two phases (the number of trees is learnt, then the model is refit on everything):
-1. per fold, train on the other folds' genes with early stopping on this fold's genes and
-   record the best iteration (LightGBM's ``best_iteration`` is a count of trees);
+1. per validation fold, train on the other folds' genes with early stopping on this fold's
+   genes and record the best iteration (LightGBM's ``best_iteration`` is a count of trees);
+   the fold model then predicts its held-out genes: these out-of-fold predictions give the
+   per-fold metrics (multi-logloss, per-class PR-AUC) and the data to fit calibration on;
 2. refit on all the instance's genes for the mean best iteration, without early stopping.
+
+Fast mode is a single validation fold (a 95%/5% gene split): see ``validation_folds``.
+
+Objectives: ``softmax`` (one multiclass model) or ``ovr`` (one-vs-rest: one binary model per
+class, LightGBM's ``multiclassova``); one-vs-rest probabilities are renormalised to sum to 1
+wherever they are used as a distribution.
 
 ``lgb.cv`` is deliberately not used: it keeps a copy of the data per fold.
 """
@@ -24,7 +32,10 @@ import lightgbm as lgb
 import numpy as np
 
 from memopt_pipeline.core.batches import BatchReader
+from memopt_pipeline.core.calibration import normalise_rows
 from memopt_pipeline.core.memory import process_rss_bytes
+
+OBJECTIVES = ("softmax", "ovr")
 
 
 @dataclass
@@ -42,8 +53,11 @@ class BoostingParams:
     histogram_pool_mb: float | None = None  # cap on LightGBM's histogram cache (None = unbounded)
     bagging_fraction: float = 1.0  # share of rows per tree (1 = no bagging)
     quantized_gradients: bool = False  # LightGBM use_quantized_grad: low-precision gradients, less memory/time
+    objective: str = "softmax"  # "softmax" (one multiclass model) or "ovr" (one binary model per class)
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         # LightGBM 4.7 crashes (native abort, not an exception) when quantized gradients meet
         # bagging; refuse the combination before any data is loaded.
         if self.quantized_gradients and self.bagging_fraction < 1.0:
@@ -61,7 +75,7 @@ class BoostingParams:
 
 def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: int) -> dict:
     return {
-        "objective": "multiclass",
+        "objective": "multiclass" if params.objective == "softmax" else "multiclassova",
         "num_class": n_classes,
         "metric": "multi_logloss",
         "learning_rate": params.learning_rate,
@@ -179,8 +193,9 @@ class FoldResult:
     train_rows: int
     valid_rows: int
     best_iteration: int  # number of trees at the best validation score
-    valid_logloss: float
+    valid_logloss: float  # multi-logloss of the fold model's (row-normalised) predictions on its held-out genes
     seconds: float
+    pr_auc: dict[str, float] = field(default_factory=dict)  # per class, on the held-out genes
 
 
 @dataclass
@@ -190,16 +205,70 @@ class InstanceTraining:
     folds: list[FoldResult] = field(default_factory=list)
     train_rows: int = 0
     train_genes: int = 0
+    # Out-of-fold predictions of the phase-1 models (row-normalised), in fold order; None
+    # when a backend does not produce them. Used to fit calibration.
+    oof_labels: np.ndarray | None = None
+    oof_proba: np.ndarray | None = None
 
     def fold_summary(self) -> dict:
         losses = np.array([f.valid_logloss for f in self.folds])
         iterations = np.array([f.best_iteration for f in self.folds])
-        return {
+        summary = {
             "cv_logloss_mean": float(losses.mean()) if len(losses) else math.nan,
             "cv_logloss_std": float(losses.std()) if len(losses) else math.nan,
             "best_iteration_mean": float(iterations.mean()) if len(iterations) else math.nan,
             "folds": [asdict(f) for f in self.folds],
         }
+        classes = sorted({c for f in self.folds for c in f.pr_auc}, key=str)
+        summary["cv_pr_auc"] = {
+            c: {
+                "mean": float(np.nanmean(values)) if not np.isnan(values).all() else math.nan,
+                "std": float(np.nanstd(values)) if not np.isnan(values).all() else math.nan,
+            }
+            for c in classes
+            for values in [np.array([f.pr_auc.get(c, math.nan) for f in self.folds], dtype=float)]
+        }
+        return summary
+
+
+def fold_scores(labels: np.ndarray, proba: np.ndarray, classes: list) -> tuple[float, dict[str, float]]:
+    """Multi-logloss and per-class PR-AUC (average precision) of held-out predictions."""
+    from sklearn.metrics import average_precision_score, log_loss
+
+    proba = normalise_rows(proba)
+    logloss = float(log_loss(labels, proba, labels=list(range(len(classes)))))
+    pr_auc = {}
+    for index, name in enumerate(classes):
+        positives = labels == index
+        pr_auc[str(name)] = (
+            float(average_precision_score(positives, proba[:, index])) if 0 < positives.sum() < len(labels) else math.nan
+        )
+    return logloss, pr_auc
+
+
+def predict_genes(
+    reader: BatchReader, genes: Collection[str], predict: Callable[[np.ndarray], np.ndarray], *, batch_rows: int, purpose: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, row-normalised probabilities) of ``genes``, streamed one batch at a time."""
+    labels, proba = [], []
+    for batch in reader.iter_batches(genes, batch_rows, purpose=purpose):
+        labels.append(batch.labels)
+        proba.append(normalise_rows(predict(batch.features)).astype(np.float32))
+    if not labels:
+        raise ValueError(f"{purpose}: the genes have no rows")
+    return np.concatenate(labels), np.concatenate(proba)
+
+
+def validation_fold_list(fold_of_gene: dict[str, int], validation_folds: Collection[int] | None) -> list[int]:
+    """The folds that take a turn as validation set: all of them, or the given ones (fast mode)."""
+    folds = sorted(set(fold_of_gene.values()))
+    if validation_folds is None:
+        return folds
+    chosen = sorted(set(validation_folds))
+    unknown = [f for f in chosen if f not in folds]
+    if unknown or not chosen:
+        raise ValueError(f"validation folds {chosen} must be a non-empty subset of the folds {folds}")
+    return chosen
 
 
 def _progress_callback(log: Callable[[str], None], label: str, total_rounds: int, every_seconds: float = 10.0):
@@ -230,13 +299,19 @@ def train_instance(
     callbacks: list | None = None,
     log: Callable[[str], None] = lambda message: None,
     release: Callable[[], object] = lambda: None,
+    validation_folds: Collection[int] | None = None,
 ) -> InstanceTraining:
-    """Phase 1 (early stopping per gene-aware fold) then phase 2 (refit on all genes)."""
+    """Phase 1 (early stopping per gene-aware validation fold) then phase 2 (refit on all genes).
+
+    ``validation_folds`` None: every fold is validated once (k-fold); otherwise only those
+    (fast mode: one 5% fold)."""
     n_classes = reader.metadata.n_classes
+    classes = reader.metadata.classes
     lgb_params = lightgbm_params(params, n_classes=n_classes, bin_sample_rows=bin_sample_rows)
     all_genes = sorted(fold_of_gene)
-    folds = sorted(set(fold_of_gene.values()))
+    folds = validation_fold_list(fold_of_gene, validation_folds)
     results: list[FoldResult] = []
+    oof_labels, oof_proba = [], []
     for fold in folds:
         started = time.monotonic()
         valid_genes = [g for g in all_genes if fold_of_gene[g] == fold]
@@ -264,20 +339,37 @@ def train_instance(
         # With early stopping LightGBM's best_iteration is the number of trees to keep
         # (1-based); if stopping never triggered it is 0, meaning "all rounds".
         best = booster.best_iteration or booster.current_iteration()
+        train_rows, valid_rows = train_set.num_data(), valid_set.num_data()
+        # The binned data is not needed to predict: free it (the booster holds references
+        # to both sets) before streaming the held-out genes.
+        booster.free_dataset()
+        del train_set, valid_set
+        release()
+        labels, proba = predict_genes(
+            reader, valid_genes, lambda x: booster.predict(x, num_iteration=best),
+            batch_rows=batch_rows, purpose=f"fold {fold + 1} out-of-fold prediction",
+        )  # fmt: skip
+        logloss, pr_auc = fold_scores(labels, proba, classes)
+        oof_labels.append(labels)
+        oof_proba.append(proba)
         results.append(
             FoldResult(
                 fold=fold,
                 train_genes=len(train_genes),
                 valid_genes=len(valid_genes),
-                train_rows=train_set.num_data(),
-                valid_rows=valid_set.num_data(),
+                train_rows=train_rows,
+                valid_rows=valid_rows,
                 best_iteration=int(best),
-                valid_logloss=float(booster.best_score["valid"]["multi_logloss"]),
+                valid_logloss=logloss,
                 seconds=time.monotonic() - started,
+                pr_auc=pr_auc,
             )
         )
-        log(f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {results[-1].valid_logloss:.4f}")
-        del booster, train_set, valid_set
+        log(
+            f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {logloss:.4f}, PR-AUC "
+            + ", ".join(f"{c} {v:.3f}" for c, v in pr_auc.items())
+        )
+        del booster
         release()
 
     num_rounds = max(1, int(round(np.mean([r.best_iteration for r in results]))))
@@ -293,5 +385,11 @@ def train_instance(
     del full_set
     release()
     return InstanceTraining(
-        booster=booster, num_rounds=num_rounds, folds=results, train_rows=train_rows, train_genes=len(all_genes)
+        booster=booster,
+        num_rounds=num_rounds,
+        folds=results,
+        train_rows=train_rows,
+        train_genes=len(all_genes),
+        oof_labels=np.concatenate(oof_labels),
+        oof_proba=np.concatenate(oof_proba),
     )

@@ -89,6 +89,23 @@ def gene_folds(gene_stats: pl.DataFrame, *, n_folds: int, seed: int = 0) -> dict
     return dict(sorted(assignment.items()))
 
 
+def fast_validation_split(gene_stats: pl.DataFrame, *, validation_share: float = 0.05, seed: int = 0) -> dict[str, int]:
+    """Fast mode: one gene-aware split, fold 1 = ``validation_share`` of the genes (by class
+    counts), fold 0 = the rest. Built from :func:`gene_folds` with 1/share folds, one of which
+    becomes the validation fold, so its class proportions are as close to the whole as a k-fold's.
+    """
+    if not 0.0 < validation_share <= 0.5:
+        raise ValueError(f"validation_share must be in (0, 0.5], got {validation_share}")
+    n_folds = max(2, round(1.0 / validation_share))
+    if gene_stats.height < n_folds:
+        raise ValueError(
+            f"a {validation_share:.0%} validation split is made of {n_folds} gene groups and needs at least "
+            f"{n_folds} genes; this instance has {gene_stats.height}: use k-fold (fast off) or fewer instances"
+        )
+    folds = gene_folds(gene_stats, n_folds=n_folds, seed=seed)
+    return {gene: 1 if fold == 0 else 0 for gene, fold in folds.items()}
+
+
 def fold_class_counts(gene_stats: pl.DataFrame, assignment: dict[str, int]) -> pl.DataFrame:
     """Per-fold row and class counts of an assignment (for metadata and tests)."""
     count_columns = class_count_columns(sum(c.startswith("n_class_") for c in gene_stats.columns))

@@ -38,7 +38,14 @@ import xgboost
 
 from memopt_pipeline.core import gpu
 from memopt_pipeline.core.batches import BatchReader
-from memopt_pipeline.core.boosters import BoostingParams, FoldResult, InstanceTraining
+from memopt_pipeline.core.boosters import (
+    BoostingParams,
+    FoldResult,
+    InstanceTraining,
+    fold_scores,
+    predict_genes,
+    validation_fold_list,
+)
 from memopt_pipeline.core.storage import atomic_path
 
 # XGBoost has no minimum number of rows per leaf, only a minimum sum of hessians
@@ -65,6 +72,8 @@ class ReaderIter(xgboost.DataIter):
     XGBoost reads the stream several times while building a matrix (sketch, then bin; 4-5
     passes on CPU), each pass opened by ``reset()``. ``cache_prefix`` set means external
     memory: XGBoost writes its binned pages to files starting with that prefix.
+    ``one_hot_classes`` set means labels are fed as a (rows, classes) 0/1 matrix, for the
+    one-vs-rest objective (one binary output per class).
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class ReaderIter(xgboost.DataIter):
         batch_rows: int,
         *,
         cache_prefix: str | None = None,
+        one_hot_classes: int | None = None,
     ):
         if batch_rows <= 0:
             raise ValueError(f"batch_rows must be positive, got {batch_rows}")
@@ -81,6 +91,7 @@ class ReaderIter(xgboost.DataIter):
         self.genes = list(genes)
         self.batch_rows = batch_rows
         self.feature_names = list(reader.features)
+        self.one_hot_classes = one_hot_classes
         self.passes = 0  # reset() calls, i.e. passes started over the data
         self.rows_last_pass = 0
         self._rows = 0
@@ -102,7 +113,10 @@ class ReaderIter(xgboost.DataIter):
             self._batches = None
             return False
         self._rows += len(batch.labels)
-        input_data(data=batch.features, label=batch.labels, feature_names=self.feature_names)
+        labels = batch.labels
+        if self.one_hot_classes:
+            labels = np.eye(self.one_hot_classes, dtype=np.float32)[labels]
+        input_data(data=batch.features, label=labels, feature_names=self.feature_names)
         return True
 
 
@@ -115,6 +129,7 @@ def build_dmatrix(
     ref: xgboost.DMatrix | None = None,
     external_memory_dir: str | Path | None = None,
     nthread: int | None = None,
+    one_hot_classes: int | None = None,
 ) -> xgboost.DMatrix:
     """Binned XGBoost matrix of ``genes``' rows, streamed.
 
@@ -123,16 +138,16 @@ def build_dmatrix(
     the folder and removes it after freeing the matrix (XGBoost deletes its own cache files
     when the matrix is freed, but not the folder). Pass ``ref=<training matrix>`` for
     validation/test matrices so they use the training bin edges. ``nthread`` (None or 0 =
-    all cores) is used for sketching and binning.
+    all cores) is used for sketching and binning. ``one_hot_classes``: see :class:`ReaderIter`.
     """
     threads = -1 if not nthread else nthread
     if external_memory_dir is None:
         return xgboost.QuantileDMatrix(
-            ReaderIter(reader, genes, batch_rows), max_bin=max_bin, ref=ref, nthread=threads
+            ReaderIter(reader, genes, batch_rows, one_hot_classes=one_hot_classes), max_bin=max_bin, ref=ref, nthread=threads
         )
     folder = Path(external_memory_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    iterator = ReaderIter(reader, genes, batch_rows, cache_prefix=str(folder / "cache"))
+    iterator = ReaderIter(reader, genes, batch_rows, cache_prefix=str(folder / "cache"), one_hot_classes=one_hot_classes)
     return xgboost.ExtMemQuantileDMatrix(iterator, max_bin=max_bin, ref=ref, nthread=threads)
 
 
@@ -158,12 +173,18 @@ def xgboost_params(params: BoostingParams, *, n_classes: int, device: str) -> di
     - num_leaves -> max_leaves with grow_policy="lossguide" and max_depth=0 (no depth
       limit): leaf-wise growth like LightGBM, instead of XGBoost's default depth-wise;
     - min_data_in_leaf -> min_child_weight = min_data_in_leaf * HESSIAN_PER_ROW (see there);
-    - bagging_fraction -> subsample (1 = no row subsampling, both libraries' default).
+    - bagging_fraction -> subsample (1 = no row subsampling, both libraries' default);
+    - objective softmax -> multi:softprob; ovr -> binary:logistic on one-hot labels, which
+      XGBoost trains as one binary output (one tree per class per round) per class, like
+      LightGBM's multiclassova; its early-stopping metric is the mean binary logloss.
     """
+    objective = (
+        {"objective": "multi:softprob", "num_class": n_classes, "eval_metric": "mlogloss"}
+        if params.objective == "softmax"
+        else {"objective": "binary:logistic", "eval_metric": "logloss"}
+    )
     return {
-        "objective": "multi:softprob",
-        "num_class": n_classes,
-        "eval_metric": "mlogloss",
+        **objective,
         "tree_method": "hist",
         "device": device,
         "max_bin": params.max_bin,
@@ -268,6 +289,10 @@ def _best_rounds(booster: xgboost.Booster) -> int:
         return booster.num_boosted_rounds()
 
 
+def _one_hot(params: BoostingParams, n_classes: int) -> int | None:
+    return n_classes if params.objective == "ovr" else None
+
+
 def _fit_fold(
     caches: _CacheFolders,
     reader: BatchReader,
@@ -280,12 +305,18 @@ def _fit_fold(
     label: str,
     callbacks: list,
     log: Callable[[str], None],
-) -> tuple[int, float, int, int]:
-    """Early-stopped training of one fold: (best rounds, best logloss, train rows, valid rows).
+) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    """Early-stopped training of one fold: (best rounds, train rows, valid rows, held-out
+    labels, held-out row-normalised probabilities of the best rounds).
 
     A function of its own so that its matrices and booster are freed when it returns.
     """
-    matrix_args = {"batch_rows": batch_rows, "max_bin": params.max_bin, "nthread": params.num_threads}
+    matrix_args = {
+        "batch_rows": batch_rows,
+        "max_bin": params.max_bin,
+        "nthread": params.num_threads,
+        "one_hot_classes": _one_hot(params, reader.metadata.n_classes),
+    }
     folder = label.replace(" ", "")
     train = caches.build(reader, train_genes, f"{folder}-train", **matrix_args)
     valid = caches.build(reader, valid_genes, f"{folder}-valid", ref=train, **matrix_args)
@@ -299,7 +330,15 @@ def _fit_fold(
         verbose_eval=False,
         callbacks=[_ProgressCallback(log, label, params.max_rounds), *callbacks],
     )
-    return _best_rounds(booster), float(booster.best_score), train.num_row(), valid.num_row()
+    best = _best_rounds(booster)
+    train_rows, valid_rows = train.num_row(), valid.num_row()
+    del train, valid  # the binned matrices are not needed to predict
+    caches.release()
+    labels, proba = predict_genes(
+        reader, valid_genes, lambda x: predict_proba_xgboost(booster, x, iteration_range=(0, best)),
+        batch_rows=batch_rows, purpose=f"{label} out-of-fold prediction",
+    )  # fmt: skip
+    return best, train_rows, valid_rows, labels, proba
 
 
 def _refit(
@@ -314,7 +353,10 @@ def _refit(
     callbacks: list,
     log: Callable[[str], None],
 ) -> tuple[xgboost.Booster, int]:
-    full = caches.build(reader, genes, "refit", batch_rows=batch_rows, max_bin=params.max_bin, nthread=params.num_threads)
+    full = caches.build(
+        reader, genes, "refit", batch_rows=batch_rows, max_bin=params.max_bin, nthread=params.num_threads,
+        one_hot_classes=_one_hot(params, reader.metadata.n_classes),
+    )  # fmt: skip
     booster = xgboost.train(
         xgb_params,
         full,
@@ -336,6 +378,7 @@ def train_instance_xgboost(
     log: Callable[[str], None] = lambda message: None,
     release: Callable[[], object] = lambda: None,
     device: str | None = None,
+    validation_folds: Collection[int] | None = None,
 ) -> InstanceTraining:
     """Phase 1 (early stopping per gene-aware fold) then phase 2 (refit on all genes).
 
@@ -344,13 +387,16 @@ def train_instance_xgboost(
     ``device`` None picks one with :func:`choose_device`. With ``external_memory_dir`` the
     binned matrices live in per-matrix cache folders there, all removed by the end (also on
     error). The returned ``InstanceTraining.booster`` is an ``xgboost.Booster``.
+    ``validation_folds``: as in :func:`boosters.train_instance` (None = k-fold).
     """
     n_classes = reader.metadata.n_classes
     xgb_params = xgboost_params(params, n_classes=n_classes, device=device or choose_device(log))
     callbacks = list(callbacks or [])
     all_genes = sorted(fold_of_gene)
-    folds = sorted(set(fold_of_gene.values()))
+    folds = validation_fold_list(fold_of_gene, validation_folds)
+    classes = reader.metadata.classes
     results: list[FoldResult] = []
+    oof_labels, oof_proba = [], []
     caches = _CacheFolders(external_memory_dir)
     try:
         for fold in folds:
@@ -359,11 +405,14 @@ def train_instance_xgboost(
             train_genes = [g for g in all_genes if fold_of_gene[g] != fold]
             label = f"fold {fold + 1}"
             log(f"phase 1, fold {fold + 1}/{len(folds)}: binning {len(train_genes)} training genes")
-            best, logloss, train_rows, valid_rows = _fit_fold(
+            best, train_rows, valid_rows, labels, proba = _fit_fold(
                 caches, reader, train_genes, valid_genes, xgb_params=xgb_params, params=params,
                 batch_rows=batch_rows, label=label, callbacks=callbacks, log=log,
             )  # fmt: skip
             caches.release()
+            logloss, pr_auc = fold_scores(labels, proba, classes)
+            oof_labels.append(labels)
+            oof_proba.append(proba)
             results.append(
                 FoldResult(
                     fold=fold,
@@ -374,9 +423,13 @@ def train_instance_xgboost(
                     best_iteration=best,
                     valid_logloss=logloss,
                     seconds=time.monotonic() - started,
+                    pr_auc=pr_auc,
                 )
             )
-            log(f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {logloss:.4f}")
+            log(
+                f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {logloss:.4f}, PR-AUC "
+                + ", ".join(f"{c} {v:.3f}" for c, v in pr_auc.items())
+            )
             release()
 
         num_rounds = max(1, int(round(np.mean([r.best_iteration for r in results])))) if results else 1
@@ -396,7 +449,13 @@ def train_instance_xgboost(
     finally:
         caches.close()
     return InstanceTraining(
-        booster=booster, num_rounds=num_rounds, folds=results, train_rows=train_rows, train_genes=len(all_genes)
+        booster=booster,
+        num_rounds=num_rounds,
+        folds=results,
+        train_rows=train_rows,
+        train_genes=len(all_genes),
+        oof_labels=np.concatenate(oof_labels),
+        oof_proba=np.concatenate(oof_proba),
     )
 
 
@@ -434,13 +493,17 @@ def load_xgboost_model(path: str | Path) -> xgboost.Booster:
 # --- prediction ----------------------------------------------------------------------------
 
 
-def predict_proba_xgboost(booster: xgboost.Booster, features: np.ndarray) -> np.ndarray:
-    """Class probabilities, shape (rows, classes)."""
-    return np.asarray(booster.inplace_predict(features, predict_type="value"))
+def predict_proba_xgboost(
+    booster: xgboost.Booster, features: np.ndarray, iteration_range: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """Class probabilities, shape (rows, classes): softmax rows sum to 1, one-vs-rest rows
+    are per-class sigmoids (renormalise with :func:`calibration.normalise_rows`).
+    ``iteration_range`` (0, 0) means all trees."""
+    return np.asarray(booster.inplace_predict(features, predict_type="value", iteration_range=iteration_range))
 
 
 def predict_raw_xgboost(booster: xgboost.Booster, features: np.ndarray) -> np.ndarray:
-    """Raw margins (before softmax), shape (rows, classes)."""
+    """Raw margins (before softmax / the per-class sigmoid), shape (rows, classes)."""
     return np.asarray(booster.inplace_predict(features, predict_type="margin"))
 
 

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 
 from memopt_pipeline.core.batches import BatchReader
@@ -75,3 +76,64 @@ def test_quantized_gradients_train(tiny_metadata):
         batch_rows=500, bin_sample_rows=2_000,
     )
     assert training.num_rounds >= 1
+
+
+def _holdout_matrix(reader, genes):
+    batches = list(reader.iter_batches(genes, batch_rows=10_000))
+    return np.concatenate([b.features for b in batches]), np.concatenate([b.labels for b in batches])
+
+
+def test_fold_metrics_and_out_of_fold_predictions_cover_every_instance_row(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    train_genes = stats["gene"].to_list()[:28]
+    folds = gene_folds(stats.filter(stats["gene"].is_in(train_genes)), n_folds=2, seed=0)
+    reader = BatchReader(tiny_metadata)
+    training = train_instance(
+        reader, folds, params=BoostingParams(max_rounds=30, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5),
+        batch_rows=500, bin_sample_rows=2_000,
+    )
+    # Every training row is predicted once, by the model that did not see its gene.
+    assert len(training.oof_labels) == training.train_rows == len(training.oof_proba)
+    np.testing.assert_allclose(training.oof_proba.sum(axis=1), 1.0, rtol=1e-5)
+    summary = training.fold_summary()
+    assert set(summary["cv_pr_auc"]) == {"neither", "donor", "acceptor"}
+    for fold in training.folds:
+        assert fold.pr_auc["donor"] > 0.2 and fold.valid_logloss > 0
+    donor = [f.pr_auc["donor"] for f in training.folds]
+    assert summary["cv_pr_auc"]["donor"]["mean"] == pytest.approx(np.mean(donor))
+    assert summary["cv_pr_auc"]["donor"]["std"] == pytest.approx(np.std(donor))
+
+
+def test_one_vs_rest_trains_one_binary_model_per_class_and_beats_the_prior(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    genes = stats["gene"].to_list()
+    folds = gene_folds(stats.filter(stats["gene"].is_in(genes[:28])), n_folds=2, seed=0)
+    reader = BatchReader(tiny_metadata)
+    training = train_instance(
+        reader, folds,
+        params=BoostingParams(max_rounds=40, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5, objective="ovr"),
+        batch_rows=500, bin_sample_rows=2_000,
+    )  # fmt: skip
+    assert "multiclassova" in training.booster.model_to_string()[:2_000]
+    features, labels = _holdout_matrix(reader, genes[28:])
+    raw = training.booster.predict(features)
+    assert not np.allclose(raw.sum(axis=1), 1.0)  # independent sigmoids, not a softmax
+    metrics = multiclass_metrics(labels, raw, tiny_metadata.classes)  # renormalises rows
+    assert metrics["logloss"] < metrics["baseline_logloss"]
+
+
+def test_fast_mode_trains_one_validation_fold(tiny_metadata):
+    from memopt_pipeline.core.folds import fast_validation_split
+
+    stats = tiny_metadata.read_gene_stats()
+    split = fast_validation_split(stats, validation_share=0.25)  # 36 genes: 4 groups, one held out
+    reader = BatchReader(tiny_metadata)
+    training = train_instance(
+        reader, split, params=BoostingParams(max_rounds=20, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5),
+        batch_rows=500, bin_sample_rows=2_000, validation_folds=[1],
+    )
+    assert [f.fold for f in training.folds] == [1]
+    assert training.folds[0].valid_genes == sum(1 for f in split.values() if f == 1)
+    assert len(training.oof_labels) == training.folds[0].valid_rows
+    with pytest.raises(ValueError, match="subset of the folds"):
+        train_instance(reader, split, params=BoostingParams(), batch_rows=500, bin_sample_rows=2_000, validation_folds=[7])

@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from memopt_pipeline.core.folds import assign_instances, fold_class_counts, gene_folds
+from memopt_pipeline.core.folds import assign_instances, fast_validation_split, fold_class_counts, gene_folds
 
 
 def _stats(n: int, seed: int = 0) -> pl.DataFrame:
@@ -61,3 +61,20 @@ def test_instances_cover_all_genes_with_balanced_rows_and_overlap():
 def test_single_instance_has_every_gene_once():
     stats = _stats(20)
     assert assign_instances(stats, n_instances=1, overlap=0.1) == [sorted(stats["gene"].to_list())]
+
+
+def test_fast_split_holds_out_five_percent_of_each_class_by_whole_genes():
+    stats = _stats(400)
+    split = fast_validation_split(stats, seed=3)
+    assert sorted(split) == sorted(stats["gene"].to_list())  # every gene once, in one side only
+    assert set(split.values()) == {0, 1}
+    per_fold = fold_class_counts(stats, split)
+    for column in ("n_class_0", "n_class_1", "n_class_2"):
+        share = per_fold.filter(pl.col("fold") == 1)[column].item() / stats[column].sum()
+        assert abs(share - 0.05) < 0.01, (column, share)
+    assert split == fast_validation_split(stats, seed=3)
+
+
+def test_fast_split_needs_enough_genes():
+    with pytest.raises(ValueError, match="needs at least 20 genes"):
+        fast_validation_split(_stats(12))

@@ -213,3 +213,29 @@ def test_memory_callback_stops_training(tiny_metadata, split, tmp_path, external
     assert calls["n"] >= 4
     if external:
         assert not cache_root.exists()  # created by the training, removed on error too
+
+
+def test_one_vs_rest_trains_a_binary_output_per_class(tiny_metadata, split, holdout):
+    from dataclasses import replace
+
+    reader = BatchReader(tiny_metadata)
+    training = xb.train_instance_xgboost(
+        reader, split[2], params=replace(PARAMS, objective="ovr"), batch_rows=BATCH_ROWS, device="cpu"
+    )
+    config = training.booster.save_config()
+    assert '"binary:logistic"' in config
+    features, labels = holdout
+    proba = xb.predict_proba_xgboost(training.booster, features)
+    assert proba.shape == (len(labels), 3)
+    assert not np.allclose(proba.sum(axis=1), 1.0)  # independent sigmoids
+    metrics = multiclass_metrics(labels, proba, tiny_metadata.classes)
+    assert metrics["logloss"] < metrics["baseline_logloss"]
+    assert len(training.oof_labels) == training.train_rows
+    contributions = xb.predict_contributions_xgboost(training.booster, features[:5])
+    np.testing.assert_allclose(contributions.sum(axis=2), xb.predict_raw_xgboost(training.booster, features[:5]), atol=1e-3)
+
+
+def test_fold_pr_auc_and_oof_predictions(trained_in_memory):
+    _, training = trained_in_memory
+    assert len(training.oof_proba) == training.train_rows
+    assert all(0 < f.pr_auc["donor"] <= 1 for f in training.folds)
