@@ -14,10 +14,16 @@ memory or compete for cores):
 
 Same data for everyone: the holdout/training genes come from ``split_genes`` with the
 pipeline's defaults (holdout 0.2, seed 0, all genes), and the parent checks that the
-pipeline's ``gene_split`` asset holds the same holdout genes. The baselines find their
-number of rounds like the pipeline does, with one fold instead of ``--folds``: early
-stopping on a gene-aware third of the training genes (fold 0 of the pipeline's own
-``gene_folds`` with 3 folds, seed 0), then a refit on all training genes for that many rounds.
+pipeline's ``gene_split`` asset holds the same holdout genes. ``naive_lightgbm`` finds its
+number of rounds with the pipeline's own rule: early stopping on each of the ``--folds``
+gene-aware folds (the pipeline's ``gene_folds`` on all training genes, seed 0: exactly the
+folds of a one-instance pipeline), the mean best iteration, then a refit on all training
+genes for that many rounds. The XGBoost baselines stop early on fold 0 only (one fit + refit).
+
+``--pipeline-instances 1,4`` runs the pipeline once per instance count (rows
+``pipeline[1]``, ``pipeline[4]``); ``--pipeline-args`` passes more ``memopt run`` options
+(e.g. ``--calibration none``). The pipeline's holdout logloss is of calibrated probabilities;
+its uncalibrated logloss (same run, same models) is reported beside it.
 
 Peak RSS is what the kernel recorded for each child: the parent starts it with
 ``subprocess.Popen`` and reaps it with ``os.wait4``, whose rusage holds the child's own
@@ -60,8 +66,6 @@ APPROACHES = ("naive_lightgbm", "naive_xgboost_hist", "xgboost_extmem", "pipelin
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
 SAMPLE_GENES = 0
-# Baselines: early stopping on fold 0 of a 3-fold gene-aware split ("a third of the training genes").
-VALIDATION_FOLDS = 3
 FOLD_SEED = 0  # the pipeline's cv_folds default seed
 
 # Shared model settings (the pipeline's BoostingParams defaults; --max-rounds overrides R).
@@ -96,7 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-gb", type=float, default=1.5, help="memory budget of the pipeline, GiB (default 1.5)")
     parser.add_argument("--approaches", default=",".join(APPROACHES), help=f"comma list of {', '.join(APPROACHES)}")
     parser.add_argument("--max-rounds", type=int, default=None, help="max boosting rounds R for every approach (default 300; --quick: 60)")
-    parser.add_argument("--folds", type=int, default=3, help="pipeline CV folds per instance (default 3)")
+    parser.add_argument("--folds", type=int, default=3, help="CV folds per instance, pipeline and naive_lightgbm (default 3)")
+    parser.add_argument("--pipeline-instances", default="0",
+                        help="comma list of instance counts, one pipeline run each (0 = as the plan needs; default 0)")
+    parser.add_argument("--pipeline-args", default="", help="extra `memopt run` options for the pipeline runs")
     parser.add_argument("--threads", type=int, default=0, help="threads per approach (default 0 = all cores)")
     parser.add_argument("--quick", action="store_true", help=f"smoke test on a {QUICK_GENES}-gene dataset")
     parser.add_argument("--quiet", action="store_true", help="do not echo the children's output (it is always logged)")
@@ -158,8 +165,9 @@ def prepare_spec(data: Path, run_dir: Path, args: argparse.Namespace) -> dict:
     )
     stats = metadata.read_gene_stats()
     split = split_genes(stats, holdout_fraction=HOLDOUT_FRACTION, sample_genes=SAMPLE_GENES, seed=SPLIT_SEED)
-    fold_of_gene = gene_folds(stats.filter(pl.col("gene").is_in(split.train_genes)), n_folds=VALIDATION_FOLDS, seed=FOLD_SEED)
-    valid_genes = sorted(g for g, fold in fold_of_gene.items() if fold == 0)
+    fold_of_gene = gene_folds(stats.filter(pl.col("gene").is_in(split.train_genes)), n_folds=args.folds, seed=FOLD_SEED)
+    folds = [sorted(g for g, fold in fold_of_gene.items() if fold == k) for k in range(args.folds)]
+    valid_genes = folds[0]
     fit_genes = sorted(g for g, fold in fold_of_gene.items() if fold != 0)
     spec = {
         "data": str(data),
@@ -174,8 +182,9 @@ def prepare_spec(data: Path, run_dir: Path, args: argparse.Namespace) -> dict:
         "holdout_rows": split.holdout_rows,
         "train_genes": split.train_genes,
         "holdout_genes": split.holdout_genes,
-        "fit_genes": fit_genes,  # phase 1 training genes of the baselines
-        "valid_genes": valid_genes,  # phase 1 early-stopping genes of the baselines
+        "fit_genes": fit_genes,  # phase 1 training genes of the XGBoost baselines
+        "valid_genes": valid_genes,  # phase 1 early-stopping genes of the XGBoost baselines (fold 0)
+        "folds": folds,  # naive_lightgbm: every fold stops early once (the pipeline's rule)
         "max_rounds": args.max_rounds,
         "threads": args.threads,
         "missing_features": sorted({f for s in metadata.shards for f in s.missing_features}),
@@ -276,15 +285,17 @@ def run_baseline(approach: str, spec: dict, run_dir: Path, args: argparse.Namesp
     row.update(child)
     row.update(logloss=metrics["logloss"], baseline_logloss=metrics["baseline_logloss"],
                accuracy=metrics["accuracy"], holdout_rows=metrics["rows"])
-    stopped = "never stopped early" if child["rounds"] >= spec["max_rounds"] else "ES on 1/3 of train genes"
+    rule = f"mean of {len(spec['folds'])} gene-fold ES" if approach == "naive_lightgbm" else "ES on gene fold 0"
+    stopped = "never stopped early" if child["rounds"] >= spec["max_rounds"] else rule
     row["note"] = f"{child['rounds']} rounds ({stopped}); " + (
         f"load {child['load_s']:.1f} s" if child["load_s"] else "reads Parquet on every pass")
     return row
 
 
-def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace) -> dict:
+def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace, instances: int = 0) -> dict:
     """`memopt run` as one child, in a throw-away Dagster instance; results read from its asset files."""
-    output = run_dir / "pipeline_output"
+    name = f"pipeline[{instances}]" if instances else "pipeline"
+    output = run_dir / f"{name.replace('[', '_').replace(']', '')}_output"
     dagster_home = Path(tempfile.mkdtemp(prefix="memopt_bench_dagster_"))
     # A fresh instance: no runs or partitions of earlier runs; telemetry off as in ./dagster.yaml.
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -294,11 +305,12 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace) -> dict:
         "--folds", str(args.folds), "--max-rounds", str(args.max_rounds),
         # Pinned to the values the baselines' split was computed with.
         "--holdout-fraction", str(HOLDOUT_FRACTION), "--sample-genes", str(SAMPLE_GENES),
+        "--instances", str(instances), *args.pipeline_args.split(),
     ]
     try:
-        row = {"approach": "pipeline", **run_child(
-            command, run_dir / "pipeline.log", env=child_env(args.threads, DAGSTER_HOME=str(dagster_home)),
-            prefix="  [pipeline] ", echo=not args.quiet,
+        row = {"approach": name, **run_child(
+            command, run_dir / f"{name}.log", env=child_env(args.threads, DAGSTER_HOME=str(dagster_home)),
+            prefix=f"  [{name}] ", echo=not args.quiet,
         )}
     finally:
         shutil.rmtree(dagster_home, ignore_errors=True)
@@ -315,8 +327,15 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace) -> dict:
     if sorted(split["holdout_genes"]) != sorted(spec["holdout_genes"]):
         print("WARNING: the pipeline's holdout genes differ from the baselines' - its logloss is not comparable", flush=True)
         row["warning"] = "holdout genes differ from the baselines'"
+    if len(instances) == 1:
+        folds = json.loads((assets / "cv_folds" / "instance_0.json").read_text())["fold_of_gene"]
+        if any(sorted(g for g, f in folds.items() if f == k) != genes for k, genes in enumerate(spec["folds"])):
+            print("WARNING: the pipeline's folds differ from naive_lightgbm's - the early-stopping rule is not the same",
+                  flush=True)
+            row["warning"] = "folds differ from naive_lightgbm's"
     overlap_rows = sum(v["rows"] for v in instances.values())
     row.update(
+        uncalibrated_logloss=evaluation.get("uncalibrated_logloss"),
         logloss=evaluation["logloss"], baseline_logloss=evaluation.get("baseline_logloss"),
         accuracy=evaluation.get("accuracy"), holdout_rows=evaluation.get("rows"),
         rows=split["train_rows"], features=len(spec["features"]), instances=len(instances),
@@ -325,16 +344,22 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace) -> dict:
     row["note"] = (f"{len(instances)} instance(s) ({overlap_rows:,} rows incl. overlap); "
                    f"{args.folds} folds; budget {args.budget_gb:g} GiB")
     if row.get("warning"):
-        row["note"] += "; HOLDOUT DIFFERS"
+        row["note"] += f"; {row['warning'].upper()}"
     return row
 
 
 def format_table(rows: list[dict], budget_gb: float) -> str:
-    lines = ["| approach | peak RSS GB | wall s | holdout logloss | rows | features | note |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| approach | peak RSS GB | wall s | holdout logloss | vs naive_lightgbm | uncalibrated logloss "
+             "| vs naive_lightgbm | rows | features | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    reference = next((r["logloss"] for r in rows if r["approach"] == "naive_lightgbm" and not r.get("failure")), None)
+
+    def versus(value):
+        return f"{(value / reference - 1) * 100:+.2f}%" if reference and value is not None else ""
+
     for row in rows:
         if row.get("failure"):
-            lines.append(f"| {row['approach']} | {row['peak_rss_gb']:.2f} | {row['wall_s']:.1f} | failed | | | "
+            lines.append(f"| {row['approach']} | {row['peak_rss_gb']:.2f} | {row['wall_s']:.1f} | failed | | | | | | "
                          f"FAILED: {row['failure'].replace('|', '/')} |")
             continue
         note = row.get("note", "")
@@ -342,8 +367,10 @@ def format_table(rows: list[dict], budget_gb: float) -> str:
             note += f"; DISTURBED: other processes used {row['foreign_cpu_share']:.0%} of the CPU"
         if row["peak_rss_gb"] > budget_gb:
             note += f"; over the {budget_gb:g} GiB budget"
+        uncalibrated = row.get("uncalibrated_logloss")
         lines.append(f"| {row['approach']} | {row['peak_rss_gb']:.2f} | {row['wall_s']:.1f} | {row['logloss']:.4f} | "
-                     f"{row['rows']:,} | {row['features']} | {note} |")
+                     f"{versus(row['logloss'])} | {'' if uncalibrated is None else f'{uncalibrated:.4f}'} | "
+                     f"{versus(uncalibrated)} | {row['rows']:,} | {row['features']} | {note} |")
     return "\n".join(lines)
 
 
@@ -379,20 +406,26 @@ def main_parent(args: argparse.Namespace) -> int:
 
     rows = []
     for approach in [a for a in APPROACHES if a in args.approaches.split(",")]:
-        print(f"\n== {approach} (log: {run_dir / (approach + '.log')})", flush=True)
-        row = run_pipeline(spec, run_dir, args) if approach == "pipeline" else run_baseline(approach, spec, run_dir, args)
-        rows.append(row)
-        status = f"FAILED ({row['failure']})" if row.get("failure") else f"logloss {row['logloss']:.4f}"
-        print(f"== {approach}: peak RSS {row['peak_rss_gb']:.2f} GB, {row['wall_s']:.1f} s, {status}", flush=True)
+        runs = (
+            [lambda n=int(n): run_pipeline(spec, run_dir, args, n) for n in args.pipeline_instances.split(",")]
+            if approach == "pipeline"
+            else [lambda: run_baseline(approach, spec, run_dir, args)]
+        )
+        for run in runs:
+            print(f"\n== {approach} (logs in {run_dir})", flush=True)
+            row = run()
+            rows.append(row)
+            status = f"FAILED ({row['failure']})" if row.get("failure") else f"logloss {row['logloss']:.4f}"
+            print(f"== {row['approach']}: peak RSS {row['peak_rss_gb']:.2f} GB, {row['wall_s']:.1f} s, {status}", flush=True)
 
     table = format_table(rows, args.budget_gb)
     markdown = "\n".join([
         f"# train_memory {stamp}", "", *[f"- {line}" for line in header], "",
         table, "",
         "GB = GiB (2^30 bytes). Peak RSS: the child's ru_maxrss from os.wait4. Wall time: the whole child, "
-        "interpreter start and data loading included. Baselines: early stopping on a gene-aware third of the "
-        "training genes, then a refit on all training genes for the best number of rounds; rows = rows of the "
-        "refit. Pipeline: rows = training rows (each once), see the note for rows with instance overlap.",
+        "interpreter start and data loading included. naive_lightgbm: early stopping on each gene-aware fold "
+        "(the pipeline's rule), XGBoost baselines: on fold 0; then a refit on all training genes for the best "
+        "number of rounds; rows = rows of the refit. Pipeline: rows = training rows (each once), see the note for rows with instance overlap.",
         "",
     ])
     print("\n" + table)
@@ -448,9 +481,9 @@ def xgboost_params(spec: dict) -> dict:
 def load_in_memory(spec: dict) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
     """The naive load: every shard into one polars frame, then float32 numpy matrices.
 
-    Returns (X_train, y_train, n_fit, X_holdout, y_holdout). Training rows are ordered fit
-    genes first, validation genes after, so phase 1 can use the zero-copy views
-    X_train[:n_fit] and X_train[n_fit:] and phase 2 the whole matrix, without extra copies.
+    Returns (X_train, y_train, bounds, X_holdout, y_holdout). Training rows are ordered by
+    gene fold (fold 0 first); rows bounds[k]:bounds[k+1] are fold k. Fold 0 is a zero-copy
+    view X_train[:bounds[1]] and the rest X_train[bounds[1]:]; phase 2 uses the whole matrix.
     """
     import polars as pl
 
@@ -461,11 +494,12 @@ def load_in_memory(spec: dict) -> tuple[np.ndarray, np.ndarray, int, np.ndarray,
     def rows_of(genes: list[str]) -> pl.DataFrame:
         return frame.filter(pl.col(gene).cast(pl.Utf8).is_in(genes))
 
-    fit, valid, holdout = rows_of(spec["fit_genes"]), rows_of(spec["valid_genes"]), rows_of(spec["holdout_genes"])
+    parts = [rows_of(genes) for genes in spec["folds"]]
+    holdout = rows_of(spec["holdout_genes"])
     del frame
-    n_fit = fit.height
-    train = pl.concat([fit, valid])
-    del fit, valid
+    bounds = np.cumsum([0] + [part.height for part in parts]).tolist()
+    train = pl.concat(parts)
+    del parts
 
     def to_numpy(part: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         # C order: LightGBM copies any other layout before binning.
@@ -476,32 +510,39 @@ def load_in_memory(spec: dict) -> tuple[np.ndarray, np.ndarray, int, np.ndarray,
     X_train, y_train = to_numpy(train)
     del train
     X_holdout, y_holdout = to_numpy(holdout)
-    return X_train, y_train, n_fit, X_holdout, y_holdout
+    return X_train, y_train, bounds, X_holdout, y_holdout
 
 
 def timed_load_in_memory(spec: dict):
     """load_in_memory plus its wall time, logged: both naive approaches report the load apart."""
     timer = time.monotonic()
-    X, y, n_fit, X_holdout, y_holdout = load_in_memory(spec)
+    X, y, bounds, X_holdout, y_holdout = load_in_memory(spec)
     load_s = time.monotonic() - timer
     _say(f"loaded {len(y):,} training + {len(y_holdout):,} holdout rows in {load_s:.1f} s")
-    return X, y, n_fit, X_holdout, y_holdout, load_s
+    return X, y, bounds, X_holdout, y_holdout, load_s
 
 
 def naive_lightgbm(spec: dict) -> dict:
     import lightgbm as lgb
 
-    X, y, n_fit, X_holdout, y_holdout, load_s = timed_load_in_memory(spec)
+    X, y, bounds, X_holdout, y_holdout, load_s = timed_load_in_memory(spec)
     params = lightgbm_params(spec)
 
-    fit = lgb.Dataset(X[:n_fit], label=y[:n_fit], params=params)
-    valid = lgb.Dataset(X[n_fit:], label=y[n_fit:], reference=fit)
-    booster = lgb.train(params, fit, num_boost_round=spec["max_rounds"], valid_sets=[valid],
-                        callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
-    # best_iteration counts trees (1-based); 0 means stopping never triggered: all rounds.
-    rounds = booster.best_iteration or booster.current_iteration()
-    _say(f"phase 1: {rounds} rounds")
-    del booster, fit, valid
+    # The pipeline's rule: every fold stops early once; the mean best iteration is refit.
+    best = []
+    for k in range(len(bounds) - 1):
+        low, high = bounds[k], bounds[k + 1]
+        rest = np.concatenate([X[:low], X[high:]])  # a copy, as a naive script would make
+        fit = lgb.Dataset(rest, label=np.concatenate([y[:low], y[high:]]), params=params)
+        valid = lgb.Dataset(X[low:high], label=y[low:high], reference=fit)
+        booster = lgb.train(params, fit, num_boost_round=spec["max_rounds"], valid_sets=[valid],
+                            callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
+        # best_iteration counts trees (1-based); 0 means stopping never triggered: all rounds.
+        best.append(booster.best_iteration or booster.current_iteration())
+        _say(f"phase 1, fold {k + 1}: best iteration {best[-1]}")
+        del booster, fit, valid, rest
+    rounds = max(1, int(round(np.mean(best))))
+    _say(f"phase 1: {rounds} rounds (mean of {best})")
 
     full = lgb.Dataset(X, label=y, params=params)
     booster = lgb.train(params, full, num_boost_round=rounds)
@@ -514,11 +555,13 @@ def naive_lightgbm(spec: dict) -> dict:
 def naive_xgboost_hist(spec: dict) -> dict:
     import xgboost as xgb
 
-    X, y, n_fit, X_holdout, y_holdout, load_s = timed_load_in_memory(spec)
+    X, y, bounds, X_holdout, y_holdout, load_s = timed_load_in_memory(spec)
     params = xgboost_params(spec)
 
-    fit = xgb.QuantileDMatrix(X[:n_fit], label=y[:n_fit], max_bin=MAX_BIN, nthread=spec["threads"])
-    valid = xgb.QuantileDMatrix(X[n_fit:], label=y[n_fit:], ref=fit, max_bin=MAX_BIN, nthread=spec["threads"])
+    # Early stopping on fold 0 (the first rows), training on the others.
+    n_valid = bounds[1]
+    fit = xgb.QuantileDMatrix(X[n_valid:], label=y[n_valid:], max_bin=MAX_BIN, nthread=spec["threads"])
+    valid = xgb.QuantileDMatrix(X[:n_valid], label=y[:n_valid], ref=fit, max_bin=MAX_BIN, nthread=spec["threads"])
     booster = xgb.train(params, fit, num_boost_round=spec["max_rounds"], evals=[(valid, "valid")],
                         early_stopping_rounds=EARLY_STOPPING_ROUNDS, verbose_eval=False)
     rounds = booster.best_iteration + 1  # XGBoost's best_iteration is a 0-based index
