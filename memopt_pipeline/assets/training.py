@@ -164,6 +164,7 @@ def instance_model(
         "num_rounds": training.num_rounds,
         "train_genes": training.train_genes,
         "train_rows": training.train_rows,
+        "genes": sorted(fold_of_gene),  # exactly which genes this model has seen
         "rows_read": reader.stats.rows_read,
         "ladder": settings.to_dict(),
         "objective": config.objective,

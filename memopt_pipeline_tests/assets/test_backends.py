@@ -69,6 +69,8 @@ def test_one_vs_rest_end_to_end_with_calibration_in_the_model_card(tiny_dataset,
         assert card["calibration"]["method"] == calibration and len(card["calibration"]["per_class"]) == 3
         assert card["calibration_report"]["rows"] == card["train_rows"]  # k-fold: every row out of fold once
         assert set(card["cv_pr_auc"]) == {"neither", "donor", "acceptor"}
+        assignment = json.loads((output / "assets" / "instance_assignment.json").read_text())
+        assert card["genes"] == sorted(assignment["instances"][key]["genes"]) and len(card["genes"]) == card["train_genes"]
         metadata = collected[f"instance_model [{key}]"]
         assert metadata["cv_pr_auc_donor_mean"] == pytest.approx(card["cv_pr_auc"]["donor"]["mean"])
         assert metadata["oof_ece_after"] <= metadata["oof_ece_before"]  # fitted on these rows: cannot be worse
