@@ -87,3 +87,26 @@ def test_artifacts_are_native_formats(pipeline_run):
     assert model.read_text().startswith("tree")
     assert not list(output.rglob("*.pkl")) and not list(output.rglob("*.pickle"))
     assert (output / "artifacts" / "holdout_evaluation" / "predictions.parquet").exists()
+
+
+def test_no_gene_is_shared_between_folds_or_with_the_holdout(pipeline_run):
+    _, output = pipeline_run
+    split = read_json(output / "assets" / "gene_split.json")
+    holdout = set(split["holdout_genes"])
+    assert holdout and not holdout & set(split["train_genes"])
+    for key in ("instance_0", "instance_1"):
+        folds = read_json(output / "assets" / "cv_folds" / f"{key}.json")["fold_of_gene"]
+        # fold_of_gene maps each gene to one fold, so a gene cannot be in two folds of one
+        # instance; what must also hold is that no fold holds a holdout gene.
+        members = {}
+        for gene, fold in folds.items():
+            members.setdefault(fold, set()).add(gene)
+        assert len(members) == 2
+        for fold, genes in members.items():
+            assert not genes & holdout, (key, fold)
+            for other, other_genes in members.items():
+                assert other == fold or not genes & other_genes
+        card = read_json(output / "artifacts" / "instance_model" / key / "model_card.json")
+        assert not set(card["genes"]) & holdout
+        # Each fold's validation rows were predicted by the model that did not train on them.
+        assert sum(f["valid_genes"] for f in card["folds"]) == len(folds)
