@@ -1,10 +1,13 @@
-"""The code location: every asset, check, job and resource of memopt_pipeline."""
+"""The code location: every asset, check, job, schedule, sensor and resource of memopt_pipeline."""
 
 import dagster as dg
 
 from memopt_pipeline.assets import ALL_ASSETS
 from memopt_pipeline.assets.evaluation import holdout_beats_class_prior
+from memopt_pipeline.automation.chaining import CHAIN_SENSORS
+from memopt_pipeline.automation.dataset_sensor import dataset_change_sensor
 from memopt_pipeline.automation.jobs import ALL_JOBS
+from memopt_pipeline.automation.schedules import nightly_retrain_schedule
 from memopt_pipeline.automation.sensors import oom_rematerialization_sensor
 from memopt_pipeline.resources import ArtifactStore, JsonIOManager, MemoryGuard
 
@@ -23,6 +26,7 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=[holdout_beats_class_prior],
     jobs=ALL_JOBS,
-    sensors=[oom_rematerialization_sensor],
+    schedules=[nightly_retrain_schedule],
+    sensors=[oom_rematerialization_sensor, *CHAIN_SENSORS, dataset_change_sensor],
     resources=build_resources(),
 )

@@ -17,14 +17,22 @@ from memopt_pipeline.core.memory import lightgbm_callback, release_memory, xgboo
 from memopt_pipeline.core.planner import MemoryPlan
 from memopt_pipeline.core.storage import atomic_path, write_json
 from memopt_pipeline.core.xgboost_backend import save_xgboost_model, train_instance_xgboost
+from memopt_pipeline.core.xgboost_dask import dask_client, train_instance_xgboost_dask
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 _DEFAULTS = BoostingParams()
 
 
 class TrainingConfig(dg.Config):
-    backend: Literal["lightgbm", "xgboost"] = Field(
-        default="lightgbm", description="Boosting library. XGBoost uses the GPU when one is detected."
+    backend: Literal["lightgbm", "xgboost", "xgboost_dask"] = Field(
+        default="lightgbm",
+        description="Boosting library. XGBoost uses the GPU when one is detected. xgboost_dask: XGBoost on a "
+        "Dask cluster (see dask_scheduler_address), for an instance bigger than one machine.",
+    )
+    dask_scheduler_address: str = Field(
+        default="",
+        description="xgboost_dask only: the Dask scheduler, e.g. tcp://scheduler:8786; its workers read the "
+        "Parquet shards (shared storage) and need memopt_pipeline installed. Empty: a LocalCluster inside the step.",
     )
     objective: Literal["softmax", "ovr"] = Field(
         default="softmax",
@@ -107,7 +115,15 @@ def instance_model(
     fold_of_gene = cv_folds["fold_of_gene"]
     # Fast mode validates on one 5% fold only; k-fold cv_folds validate on every fold.
     validation_folds = cv_folds.get("validation_folds")
-    external_memory = (
+    if config.backend == "xgboost_dask" and config.external_memory:
+        raise dg.Failure(
+            description="external_memory is for the local xgboost backend; xgboost_dask keeps binned data in the "
+            "Dask workers' memory. Turn one of them off",
+            allow_retries=False,
+        )
+    # xgboost_dask's binned data lives on the Dask workers, not in this step: the plan's and
+    # the memory ladder's switch to local external memory does not apply to it.
+    external_memory = config.backend != "xgboost_dask" and (
         settings.external_memory
         or plan.strategy == "external_memory"
         or (config.backend == "xgboost" and config.external_memory)
@@ -128,6 +144,21 @@ def instance_model(
                 release=release_memory,
                 validation_folds=validation_folds,
             )
+            model_path = partition_dir / "model.ubj"
+            save_xgboost_model(training.booster, model_path)
+        elif backend == "xgboost_dask":
+            with dask_client(config.dask_scheduler_address, threads=config.num_threads, log=context.log.info) as session:
+                training = train_instance_xgboost_dask(
+                    reader,
+                    fold_of_gene,
+                    params=params,
+                    session=session,
+                    # One partition of the lazy frame holds about as many rows as the plan's batch.
+                    partition_rows=settings.batch_rows,
+                    batch_rows=settings.batch_rows,
+                    log=context.log.info,
+                    validation_folds=validation_folds,
+                )
             model_path = partition_dir / "model.ubj"
             save_xgboost_model(training.booster, model_path)
         else:
@@ -154,7 +185,7 @@ def instance_model(
     card = {
         "partition": context.partition_key,
         "model_path": str(model_path),
-        "model_format": "xgboost-ubj" if backend == "xgboost" else "lightgbm-text",
+        "model_format": "xgboost-ubj" if model_path.suffix == ".ubj" else "lightgbm-text",
         "backend": backend,
         "external_memory": external_memory,
         "features": feature_screening["kept"],

@@ -6,6 +6,11 @@ an allocation abort), it requests a run of the same job for the same partition, 
 only the assets whose steps failed or were skipped because of the failure, tagged with the
 next ladder level and the original run. Steps that succeeded are not re-run; failures that
 are not out-of-memory are left alone.
+
+The re-run keeps the failed run's settings: the config of the re-run ops and the
+resources/execution/loggers sections, and its own tags (so a chained run stays in its
+chain). A run that Dagster's own run retry (dagster.yaml ``run_retries``) will resume is
+left to it, so the same work never runs twice.
 """
 
 import dagster as dg
@@ -26,6 +31,15 @@ def _failed_attempts(instance: dg.DagsterInstance, run_id: str, step_key: str) -
     return 1 + sum(1 for record in records if record.event_log_entry.step_key == step_key)
 
 
+def _carried_run_config(run_config: dict, steps: list[str]) -> dict:
+    """The failed run's config for a re-run of ``steps`` only (other ops' config would be rejected)."""
+    carried = {k: v for k, v in run_config.items() if k in ("resources", "execution", "loggers")}
+    ops = {op: value for op, value in (run_config.get("ops") or {}).items() if op in steps}
+    if ops:
+        carried["ops"] = ops
+    return carried
+
+
 @dg.run_failure_sensor(
     name="oom_rematerialization_sensor",
     description=__doc__,
@@ -34,6 +48,8 @@ def _failed_attempts(instance: dg.DagsterInstance, run_id: str, step_key: str) -
 )
 def oom_rematerialization_sensor(context: dg.RunFailureSensorContext):
     run = context.dagster_run
+    if run.tags.get("dagster/will_retry") == "true":
+        return dg.SkipReason(f"run {run.run_id} will be retried by Dagster's run retries; not launching a second re-run")
     failures = {
         event.step_key: event.step_failure_data.error.to_string() if event.step_failure_data.error else ""
         for event in context.get_step_failure_events()
@@ -63,12 +79,16 @@ def oom_rematerialization_sensor(context: dg.RunFailureSensorContext):
         for record in context.instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records
     }
     unfinished = sorted((set(plan.step_keys_to_execute) - succeeded) & _ASSET_STEPS)
-    tags = {LADDER_TAG: str(level), RETRY_OF_TAG: run.tags.get(RETRY_OF_TAG, run.run_id)}
+    # The run's own tags (chain membership, user tags) carry over; Dagster's system tags
+    # (partition, retries, backfill ids) are set afresh by the new run.
+    tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")}
+    tags.update({LADDER_TAG: str(level), RETRY_OF_TAG: run.tags.get(RETRY_OF_TAG, run.run_id)})
     partition = run.tags.get("dagster/partition")
     return dg.RunRequest(
         run_key=f"oom-retry-{run.run_id}",
         job_name=run.job_name,
         partition_key=partition,
         asset_selection=[dg.AssetKey(step) for step in unfinished],
+        run_config=_carried_run_config(run.run_config or {}, unfinished),
         tags=tags,
     )

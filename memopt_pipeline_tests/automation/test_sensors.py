@@ -76,6 +76,27 @@ def test_oom_in_partition_k_requests_partition_k_only(project, monkeypatch):
     assert request.asset_selection == [dg.AssetKey("cv_folds"), dg.AssetKey("instance_model")]
     assert request.tags[LADDER_TAG] == "1"
     assert request.tags[RETRY_OF_TAG] == failed.run_id
+    # The re-run keeps the failed run's settings (not the assets' defaults).
+    assert request.run_config["ops"] == {
+        "cv_folds": {"config": {"n_folds": 2}},
+        "instance_model": {"config": {"max_rounds": 5, "num_threads": 1}},
+    }
+    # And the re-run, memory permitting, succeeds with that config (only the selected ops' config is passed).
+    monkeypatch.undo()
+    rerun = definitions.resolve_job_def("train_instances").execute_in_process(
+        instance=instance, partition_key="instance_1", run_config=request.run_config, tags=request.tags,
+        asset_selection=request.asset_selection, raise_on_error=False,
+    )
+    assert rerun.success
+
+
+def test_a_run_dagster_will_retry_is_left_to_dagster(project, monkeypatch):
+    definitions, instance = project
+    monkeypatch.setattr(split_assets, "gene_folds", out_of_memory)
+    failed = _train(definitions, instance, "instance_1")
+    instance.add_run_tags(failed.run_id, {"dagster/will_retry": "true"})
+    result = _sensor_result(instance, failed.run_id)
+    assert isinstance(result, dg.SkipReason) and "run retries" in result.skip_message
 
 
 def test_only_failed_assets_are_rerun_and_an_exhausted_ladder_gives_up(project, monkeypatch):

@@ -1,0 +1,1 @@
+"""Deployment profiles: the same assets with other executors and instance configs (see README)."""
