@@ -79,6 +79,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
             resources=build_resources(budget_gb=args.budget_gb, output_dir=args.output),
             run_config=_run_config(args),
             log=lambda message: print(message, flush=True),
+            parallel_instances=args.parallel,
         )
 
 
@@ -102,6 +103,10 @@ def format_summary(collected: dict[str, dict], wall_seconds: float) -> str:
                 f"  {name:<10} PR-AUC {holdout[key]:.3f} (prior {holdout[name + '_prevalence']:.3f})  "
                 f"ROC-AUC {holdout[name + '_roc_auc']:.3f}  top-k acc {holdout[name + '_top_k_accuracy']:.3f}"
             )
+    report = collected.get("run_report")
+    if report:
+        lines.append("")
+        lines.append(f"report: {report['report_path']}")
     lines.append(f"total wall time {wall_seconds:.1f} s")
     return "\n".join(lines)
 
@@ -123,6 +128,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--fast", action="store_true", help="fast mode: one gene-aware 95/5 validation split instead of k folds"
     )
     parser.add_argument("--max-rounds", type=int, default=300, help="max boosting rounds in phase 1")
+    parser.add_argument(
+        "--parallel", action="store_true",
+        help="train instance models side by side, as many at once as the plan's predicted peaks fit the budget "
+        "(each in its own process)",
+    )
     parser.add_argument(
         "--objective", choices=["softmax", "ovr"], default="softmax", help="multiclass softmax or one-vs-rest"
     )

@@ -9,8 +9,15 @@ from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, gu
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ensemble import Ensemble, EnsembleMember
 from memopt_pipeline.core.evaluation import evaluate_holdout
-from memopt_pipeline.core.explain import chunked_shap
+from memopt_pipeline.core.explain import DEFAULT_RESERVOIR_ROWS, DEFAULT_ROW_TOP_K, chunked_shap, reservoir_bytes
 from memopt_pipeline.core.planner import MemoryPlan
+from memopt_pipeline.core.plots import (
+    calibration_png,
+    pr_curves_png,
+    save_markdown_image,
+    shap_beeswarm_png,
+    shap_importance_png,
+)
 from memopt_pipeline.core.storage import write_parquet
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
@@ -64,6 +71,20 @@ def holdout_evaluation(
         for name, values in metrics["per_class"].items()
         for metric in ("pr_auc", "roc_auc", "prevalence", "best_f1", "top_k_accuracy")
     }
+    ece = dict(zip(metrics["per_class"], metrics["ece_after_calibration"]["per_class"]))
+    per_class |= {f"{name}_ece": float(value) for name, value in ece.items()}
+    plot_dir = predictions_path.parent
+    metrics["plots"] = {
+        "pr_curves": str(plot_dir / "pr_curves.png"),
+        "calibration": str(plot_dir / "calibration.png"),
+        "memory_timeline": str(plot_dir / "memory_timeline.png"),
+    }
+    pr_markdown = save_markdown_image(
+        pr_curves_png(metrics["curves"]["pr"], metrics["per_class"]), metrics["plots"]["pr_curves"], "PR curves (holdout)"
+    )
+    calibration_markdown = save_markdown_image(
+        calibration_png(metrics["curves"]["reliability"], ece), metrics["plots"]["calibration"], "calibration (holdout)"
+    )
     context.log.info(
         f"holdout: logloss {metrics['logloss']:.4f} (class prior {metrics['baseline_logloss']:.4f}); "
         + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items() if k.endswith("pr_auc"))
@@ -85,7 +106,13 @@ def holdout_evaluation(
             "per_gene_logloss_p90": metrics["per_gene_logloss"]["p90"],
             "confusion_matrix": dg.MetadataValue.md(_confusion_markdown(metrics["confusion_matrix"], metadata.classes)),
             "predictions_path": dg.MetadataValue.path(str(predictions_path)),
-            **MemoryGuard.metadata(monitor, predicted_peak_bytes=plan.predicted_peak_prediction),
+            "pr_curves": dg.MetadataValue.md(pr_markdown),
+            "calibration_curve": dg.MetadataValue.md(calibration_markdown),
+            **MemoryGuard.metadata(
+                monitor,
+                predicted_peak_bytes=plan.predicted_peak_prediction,
+                timeline_path=metrics["plots"]["memory_timeline"],
+            ),
         },
     )
 
@@ -105,9 +132,27 @@ def holdout_beats_class_prior(holdout_evaluation: dict) -> dg.AssetCheckResult:
     )
 
 
+# Features drawn in the beeswarm and kept in the saved reservoir: what a reader can take in
+# at a glance; the full ranking is in mean_abs_shap.parquet.
+BEESWARM_FEATURES = 10
+RESERVOIR_TABLE_FEATURES = 20
+
+
 class ShapConfig(dg.Config):
     sample_rows: int = Field(default=2_000, description="Holdout rows to explain.")
-    chunk_rows: int = Field(default=500, description="Rows per contribution chunk (bounds memory).")
+    chunk_rows: int = Field(
+        default=2_000,
+        description="Rows per contribution chunk (bounds memory: rows x classes x (features + 1) doubles). "
+        "Shrunk automatically when the memory plan says it would not fit.",
+    )
+    reservoir_rows: int = Field(
+        default=DEFAULT_RESERVOIR_ROWS,
+        description="Rows kept (a uniform random sample of the explained rows) for the beeswarm plot.",
+    )
+    row_top_k: int = Field(
+        default=DEFAULT_ROW_TOP_K, description="Per explained row and class, the features with the largest |SHAP| saved."
+    )
+    seed: int = Field(default=0, description="Seed of the beeswarm's row sample.")
 
 
 @dg.asset(group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
@@ -121,17 +166,21 @@ def shap_summary(
     memory_guard: MemoryGuard,
     artifacts: ArtifactStore,
 ) -> dg.Output[dict]:
-    """Mean |SHAP| per feature and class from LightGBM's native contributions, computed chunk by chunk
-    on a holdout sample (raw-score units, averaged over the instance models)."""
+    """Mean |SHAP| per feature and class from the models' native contributions, computed chunk by chunk
+    on a holdout sample (raw-score units, averaged over the instance models); a uniform sample of rows
+    for a beeswarm; per row, its strongest features per class (Parquet, written chunk by chunk)."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     plan = MemoryPlan.from_dict(memory_plan)
+    # The reservoir is allocated once at its full size; it counts against the budget like a chunk.
+    kept = reservoir_bytes(min(config.reservoir_rows, config.sample_rows), plan.n_features, plan.n_classes)
     # Contributions are rows x classes x (features + 1) doubles per chunk: shrink the chunk
     # (never the sample) until the plan says it fits, and say so.
     chunk_rows = config.chunk_rows
-    while chunk_rows > 1 and plan.shap_peak(chunk_rows) > plan.budget_bytes * plan.safety:
+    while chunk_rows > 1 and plan.shap_peak(chunk_rows) + kept > plan.budget_bytes * plan.safety:
         chunk_rows //= 2
     if chunk_rows != config.chunk_rows:
         context.log.warning(f"shap: chunk_rows {config.chunk_rows} would not fit the budget; using {chunk_rows}")
+    rows_path = artifacts.path("shap_summary", "rows.parquet")
     with memory_guard.stage(context, "shap_summary") as monitor:
         ensemble = _load_ensemble(ensemble_model, plan)
         reader = guarded_reader(context, metadata, monitor, features=ensemble.feature_names)
@@ -141,6 +190,10 @@ def shap_summary(
             gene_split["holdout_genes"],
             sample_rows=config.sample_rows,
             chunk_rows=chunk_rows,
+            reservoir_rows=config.reservoir_rows,
+            seed=config.seed,
+            rows_path=rows_path,
+            row_top_k=config.row_top_k,
             log=context.log.info,
         )
     table = pa.table(
@@ -148,13 +201,41 @@ def shap_summary(
         | {f"mean_abs_{c}": summary.mean_abs[i] for i, c in enumerate(summary.classes)}
     )
     importance_path = write_parquet(artifacts.path("shap_summary", "mean_abs_shap.parquet"), table)
+    reservoir_path = write_parquet(
+        artifacts.path("shap_summary", "reservoir.parquet"),
+        summary.reservoir.table(summary.features, summary.classes, summary.top_feature_indices(RESERVOIR_TABLE_FEATURES)),
+    )
+    plot_dir = importance_path.parent
+    plots = {
+        "importance": str(plot_dir / "importance.png"),
+        "beeswarm": str(plot_dir / "beeswarm.png"),
+        "memory_timeline": str(plot_dir / "memory_timeline.png"),
+    }
+    importance_markdown = save_markdown_image(
+        shap_importance_png(summary.features, summary.mean_abs, summary.classes, top=15),
+        plots["importance"],
+        "mean |SHAP| per feature and class",
+    )
+    values, contributions = summary.reservoir.sample()
+    beeswarm_markdown = save_markdown_image(
+        shap_beeswarm_png(
+            summary.features, values, contributions, summary.classes, summary.top_feature_indices(BEESWARM_FEATURES)
+        ),
+        plots["beeswarm"],
+        "SHAP beeswarm of the top features",
+    )
     top = summary.top_features(15)
     value = {
         "rows": summary.rows,
         "chunks": summary.chunks,
+        "chunk_rows": chunk_rows,
         "additivity_max_error": summary.additivity_max_error,
         "top_features": top,
         "importance_path": str(importance_path),
+        "rows_path": str(summary.rows_path),
+        "reservoir_path": str(reservoir_path),
+        "reservoir_rows": summary.reservoir.size,
+        "plots": plots,
     }
     return dg.Output(
         value,
@@ -163,10 +244,16 @@ def shap_summary(
             "chunks": summary.chunks,
             "chunk_rows": chunk_rows,
             "chunk_rows_shrunk_to_fit": chunk_rows != config.chunk_rows,
+            "reservoir_rows": summary.reservoir.size,
             "additivity_max_error": summary.additivity_max_error,
             "top_features": dg.MetadataValue.md(
                 "| feature | mean abs SHAP |\n|---|---|\n" + "\n".join(f"| {f} | {v:.4f} |" for f, v in top)
             ),
-            **MemoryGuard.metadata(monitor, predicted_peak_bytes=plan.shap_peak(chunk_rows)),
+            "shap_importance": dg.MetadataValue.md(importance_markdown),
+            "shap_beeswarm": dg.MetadataValue.md(beeswarm_markdown),
+            "rows_path": dg.MetadataValue.path(str(summary.rows_path)),
+            **MemoryGuard.metadata(
+                monitor, predicted_peak_bytes=plan.shap_peak(chunk_rows) + kept, timeline_path=plots["memory_timeline"]
+            ),
         },
     )

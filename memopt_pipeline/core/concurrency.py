@@ -59,9 +59,12 @@ class InstanceConcurrency:
         return sum(sorted(self.peaks.values(), reverse=True)[: self.limit])
 
     def describe(self) -> str:
+        # The limit may exceed the number of instances (a small plan on a big budget): say
+        # how many will actually run together, and what the budget would allow.
+        together = min(self.limit, len(self.peaks))
         return (
-            f"{self.limit} of {len(self.peaks)} instance trainings may run at once: budget "
-            f"{self.budget_bytes / 2**30:.2f} GiB / largest predicted peak {self.max_peak / 2**30:.2f} GiB"
+            f"{together} of {len(self.peaks)} instance trainings may run at once (the budget allows {self.limit}): "
+            f"budget {self.budget_bytes / 2**30:.2f} GiB / largest predicted peak {self.max_peak / 2**30:.2f} GiB"
         )
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 from memopt_pipeline.core.batches import BatchReader
 from memopt_pipeline.core.calibration import apply_calibration, expected_calibration_error
 from memopt_pipeline.core.ensemble import Ensemble
-from memopt_pipeline.core.metrics import multiclass_metrics
+from memopt_pipeline.core.metrics import holdout_curves, multiclass_metrics
 from memopt_pipeline.core.storage import IncrementalParquetWriter
 
 
@@ -108,6 +108,8 @@ def evaluate_holdout(
     metrics["uncalibrated_logloss"] = uncalibrated_metrics["logloss"]
     metrics["ece_before_calibration"] = expected_calibration_error(labels, uncalibrated)
     metrics["ece_after_calibration"] = expected_calibration_error(labels, proba)
+    # PR curves and reliability bins of the calibrated probabilities, for plots and the run report.
+    metrics["curves"] = holdout_curves(labels, proba, metadata.classes)
     metrics["genes"] = len(genes)
     metrics["models_loaded_one_at_a_time"] = ensemble.one_at_a_time
     metrics["seconds"] = time.monotonic() - started

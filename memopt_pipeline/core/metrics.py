@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, log_loss, precision_recall_curve, roc_auc_score
 
+from memopt_pipeline.core.calibration import ECE_BINS
+
 _EPS = 1e-15
 
 
@@ -82,3 +84,51 @@ def multiclass_metrics(labels: np.ndarray, proba: np.ndarray, classes: list, gen
                 entry[name_] = float("nan")
         result["per_class"][str(name)] = entry
     return result
+
+
+# Points kept per PR curve: enough for a smooth line in a plot or a report, few enough that
+# the curves of every class fit in the holdout asset's JSON value (not one point per row).
+PR_CURVE_POINTS = 200
+
+
+def pr_curve_points(positives: np.ndarray, scores: np.ndarray, max_points: int = PR_CURVE_POINTS) -> dict:
+    """Precision-recall curve of one class, down-sampled to at most ``max_points`` points.
+
+    Points are taken evenly along sklearn's curve (which has one point per distinct score),
+    always keeping both ends; recall is non-increasing along the lists.
+    """
+    positives = np.asarray(positives, dtype=bool)
+    if not 0 < positives.sum() < len(positives):
+        return {"recall": [], "precision": []}  # no curve without both positives and negatives
+    precision, recall, _ = precision_recall_curve(positives, scores)
+    keep = np.unique(np.linspace(0, len(recall) - 1, min(max_points, len(recall))).round().astype(np.int64))
+    return {"recall": recall[keep].tolist(), "precision": precision[keep].tolist()}
+
+
+def reliability_bins(positives: np.ndarray, scores: np.ndarray, bins: int) -> dict:
+    """Reliability (calibration) curve of one class: equal-width bins of the predicted
+    probability, each with its mean prediction, observed frequency and row count. Empty bins
+    are left out. The same bins as :func:`calibration.expected_calibration_error`, so the
+    curve and the reported ECE agree."""
+    scores = np.asarray(scores, dtype=np.float64)
+    observed = np.asarray(positives, dtype=np.float64)
+    index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    filled = counts > 0
+    return {
+        "mean_predicted": (np.bincount(index, weights=scores, minlength=bins)[filled] / counts[filled]).tolist(),
+        "fraction_positive": (np.bincount(index, weights=observed, minlength=bins)[filled] / counts[filled]).tolist(),
+        "count": counts[filled].tolist(),
+    }
+
+
+def holdout_curves(labels: np.ndarray, proba: np.ndarray, classes: list) -> dict:
+    """Per class (by name): a down-sampled PR curve and reliability bins, for plots and reports."""
+    labels = np.asarray(labels)
+    proba = np.asarray(proba)
+    curves: dict = {"pr": {}, "reliability": {}}
+    for index, name in enumerate(classes):
+        positives = labels == index
+        curves["pr"][str(name)] = pr_curve_points(positives, proba[:, index])
+        curves["reliability"][str(name)] = reliability_bins(positives, proba[:, index], ECE_BINS)
+    return curves

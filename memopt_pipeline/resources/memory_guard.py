@@ -9,12 +9,15 @@ turns the measurements into numeric materialization metadata the UI can plot.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 import dagster as dg
 from pydantic import Field
 
-from memopt_pipeline.core import memory
+# plots imports matplotlib (~40 MB RSS): imported with the module, not lazily in metadata(),
+# so that it is part of the process baseline memory_plan measures rather than appearing mid-run.
+from memopt_pipeline.core import memory, plots
 from memopt_pipeline.core.failures import exception_is_out_of_memory
 from memopt_pipeline.core.gpu import gpu_status
 
@@ -114,8 +117,14 @@ class MemoryGuard(dg.ConfigurableResource):
         return _LEAKS
 
     @staticmethod
-    def metadata(monitor: memory.StageMonitor, predicted_peak_bytes: int | None = None) -> dict:
-        """Numeric metadata (plottable in the UI) of a finished stage."""
+    def metadata(
+        monitor: memory.StageMonitor,
+        predicted_peak_bytes: int | None = None,
+        timeline_path: str | Path | None = None,
+    ) -> dict:
+        """Numeric metadata (plottable in the UI) of a finished stage, and ``memory_timeline``: a
+        markdown image of RSS over the stage against the budget and the guard's thresholds (also
+        written to ``timeline_path`` as PNG when given, e.g. next to the stage's artifacts)."""
         summary = monitor.summary()
         values: dict = {
             "peak_rss_gb": float(summary["peak_rss_gb"]),
@@ -130,6 +139,18 @@ class MemoryGuard(dg.ConfigurableResource):
             predicted = predicted_peak_bytes / GiB
             values["predicted_peak_gb"] = float(predicted)
             values["plan_error_gb"] = float(summary["peak_rss_gb"] - predicted)
+        title = f"{monitor.stage}: RSS against the budget"
+        png = plots.memory_timeline_png(
+            monitor.timeline,
+            budget_bytes=monitor.budget_bytes,
+            cleanup_bytes=monitor.cleanup_bytes,
+            abort_bytes=monitor.abort_bytes,
+            peak_bytes=monitor.peak_rss_bytes,
+            predicted_peak_bytes=predicted_peak_bytes,
+            title=title,
+        )
+        snippet = plots.save_markdown_image(png, timeline_path, title) if timeline_path else plots.markdown_image(png, title)
+        values["memory_timeline"] = dg.MetadataValue.md(snippet)
         gpu = gpu_status()
         values["gpu"] = f"{gpu.used_bytes / GiB:.2f}/{gpu.total_bytes / GiB:.2f} GiB" if gpu.available else gpu.reason
         return values

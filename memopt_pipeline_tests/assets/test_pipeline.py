@@ -1,10 +1,17 @@
 """The whole graph on a tiny generated dataset, through Dagster, in one test session."""
 
+import base64
+import re
+from pathlib import Path
+
 import dagster as dg
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from memopt_pipeline.automation.local_run import materialize_pipeline
+from memopt_pipeline.core.plots import PNG_SIGNATURE
+from memopt_pipeline.core.report import SECTIONS
 from memopt_pipeline.core.storage import read_json
 from memopt_pipeline.definitions import build_resources
 
@@ -36,7 +43,7 @@ def test_every_asset_and_partition_materialized(pipeline_run):
     expected = {
         "source_dataset", "dataset_metadata", "memory_plan", "gene_split", "feature_screening", "instance_assignment",
         "cv_folds [instance_0]", "cv_folds [instance_1]", "instance_model [instance_0]", "instance_model [instance_1]",
-        "ensemble_model", "holdout_evaluation", "shap_summary",
+        "ensemble_model", "holdout_evaluation", "shap_summary", "run_report",
     }
     assert {k for k in collected if not k.startswith("check ")} == expected
 
@@ -110,3 +117,51 @@ def test_no_gene_is_shared_between_folds_or_with_the_holdout(pipeline_run):
         assert not set(card["genes"]) & holdout
         # Each fold's validation rows were predicted by the model that did not train on them.
         assert sum(f["valid_genes"] for f in card["folds"]) == len(folds)
+
+
+def _embedded_pngs(markdown: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", markdown)]
+
+
+def test_plots_in_metadata_and_beside_the_artifacts(pipeline_run):
+    collected, output = pipeline_run
+    for stage in HEAVY_STAGES:
+        [png] = _embedded_pngs(collected[stage]["memory_timeline"])
+        assert png.startswith(PNG_SIGNATURE), stage
+    for stage, key in (("holdout_evaluation", "pr_curves"), ("holdout_evaluation", "calibration_curve"),
+                       ("shap_summary", "shap_importance"), ("shap_summary", "shap_beeswarm")):
+        [png] = _embedded_pngs(collected[stage][key])
+        assert png.startswith(PNG_SIGNATURE) and len(png) < 100_000, (stage, key)
+    artifacts = output / "artifacts"
+    for name in ("holdout_evaluation/pr_curves.png", "holdout_evaluation/calibration.png", "holdout_evaluation/memory_timeline.png",
+                 "shap_summary/importance.png", "shap_summary/beeswarm.png", "shap_summary/memory_timeline.png"):
+        assert (artifacts / name).read_bytes().startswith(PNG_SIGNATURE), name
+    assert collected["holdout_evaluation"]["donor_ece"] >= 0  # numeric, so the UI plots it across runs
+
+
+def test_shap_writes_one_row_per_explained_row_and_a_bounded_sample(pipeline_run):
+    collected, output = pipeline_run
+    shap = collected["shap_summary"]
+    rows = pq.read_table(output / "artifacts" / "shap_summary" / "rows.parquet")
+    assert rows.num_rows == shap["rows_explained"] == 300
+    assert shap["reservoir_rows"] == 300  # the default reservoir (1,000 rows) holds the whole small sample
+    assert pq.read_table(output / "artifacts" / "shap_summary" / "reservoir.parquet").num_rows == 300
+
+
+def test_run_report_is_written_with_every_section_and_valid_plots(pipeline_run):
+    collected, output = pipeline_run
+    meta = collected["run_report"]
+    path = Path(meta["report_path"])
+    assert path.parent == (output / "artifacts" / "run_report").resolve() and path.name.startswith("report_")
+    text = path.read_text()
+    for heading in SECTIONS:
+        assert f"\n## {heading}\n" in text
+    for stage in HEAVY_STAGES:
+        assert f"| {stage} |" in text, stage  # a row in the plan-vs-measured table
+    assert "not available" not in text  # every plot was found
+    pngs = _embedded_pngs(text)
+    # stage peaks, one timeline per guarded stage (5 heavy + feature_screening), PR, calibration, importance, beeswarm
+    assert len(pngs) == meta["images"] >= 1 + len(HEAVY_STAGES) + 4
+    assert all(png.startswith(PNG_SIGNATURE) for png in pngs)
+    assert meta["stages"] >= len(HEAVY_STAGES) and meta["max_stage_peak_gb"] > 0
+    assert "data:image" not in meta["preview"] and "## Holdout" in meta["preview"]

@@ -45,3 +45,39 @@ def test_splice_metrics_top_k_f1_confusion_and_gene_spread():
     spread = result["per_gene_logloss"]
     assert spread["genes"] == 2 and spread["worst"] >= spread["median"] >= 0
     assert math.isnan(top_k_accuracy(np.zeros(3, dtype=bool), np.ones(3)))
+
+
+def test_pr_curve_is_downsampled_keeping_both_ends():
+    from sklearn.metrics import precision_recall_curve
+
+    from memopt_pipeline.core.metrics import pr_curve_points
+
+    rng = np.random.default_rng(0)
+    positives = rng.random(5_000) < 0.1
+    scores = rng.random(5_000) + positives
+    curve = pr_curve_points(positives, scores, max_points=50)
+    precision, recall, _ = precision_recall_curve(positives, scores)
+    assert len(curve["recall"]) == len(curve["precision"]) == 50 < len(recall)
+    assert (curve["recall"][0], curve["precision"][0]) == (recall[0], precision[0])
+    assert (curve["recall"][-1], curve["precision"][-1]) == (recall[-1], precision[-1])
+    assert np.all(np.diff(curve["recall"]) <= 0)
+    assert pr_curve_points(np.zeros(10, dtype=bool), np.linspace(0, 1, 10)) == {"recall": [], "precision": []}
+
+
+def test_reliability_bins_agree_with_the_reported_ece():
+    import pytest
+
+    from memopt_pipeline.core.calibration import ECE_BINS, expected_calibration_error
+    from memopt_pipeline.core.metrics import holdout_curves
+
+    rng = np.random.default_rng(1)
+    proba = rng.dirichlet([1.0, 1.0, 1.0], size=3_000)
+    labels = np.array([rng.choice(3, p=p) for p in proba])
+    curves = holdout_curves(labels, proba, ["neither", "donor", "acceptor"])
+    ece = expected_calibration_error(labels, proba)["per_class"]
+    for k, name in enumerate(["neither", "donor", "acceptor"]):
+        bins = curves["reliability"][name]
+        assert sum(bins["count"]) == len(labels) and len(bins["count"]) <= ECE_BINS
+        weighted_gap = np.sum(np.array(bins["count"]) * np.abs(np.array(bins["mean_predicted"]) - bins["fraction_positive"]))
+        assert weighted_gap / len(labels) == pytest.approx(ece[k], rel=1e-9)
+        assert curves["pr"][name]["recall"][0] == 1.0

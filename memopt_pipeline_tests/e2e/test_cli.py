@@ -1,5 +1,7 @@
 """`memopt run` end to end: persistent instance, every partition, summary printed."""
 
+from pathlib import Path
+
 import dagster as dg
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
@@ -22,6 +24,8 @@ def test_memopt_run_materializes_everything_into_the_instance(tiny_dataset, tmp_
     assert "instance_model [instance_1]" in printed
     assert "donor      PR-AUC" in printed and "logloss" in printed
     assert "budget GiB" in printed and " 4.00 " in printed
+    report = next(line for line in printed.splitlines() if line.startswith("report: "))
+    assert Path(report.removeprefix("report: ")).is_file()
 
     # A later `dagster dev` on the same DAGSTER_HOME sees these materializations.
     with dg.DagsterInstance.get() as instance:
