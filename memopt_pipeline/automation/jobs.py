@@ -4,7 +4,7 @@
    dynamic partitions);
 2. train_instances: cv_folds + instance_model, one run per instance partition (launch a
    backfill over all partitions from the UI);
-3. evaluate_and_explain: ensemble, holdout evaluation and SHAP.
+3. evaluate_and_explain: ensemble, holdout evaluation, SHAP and the run report.
 
 Two more jobs start a chain of those runs (automation/chaining.py): a job cannot mix the
 unpartitioned stages with the dynamically partitioned ones, so the chain sensors launch the
@@ -41,7 +41,7 @@ train_instances_job = dg.define_asset_job(
 evaluate_and_explain_job = dg.define_asset_job(
     "evaluate_and_explain",
     selection=dg.AssetSelection.assets(*FINALIZE_ASSETS),
-    description="Ensemble the instance models, evaluate on holdout genes, explain with chunked SHAP.",
+    description="Ensemble the instance models, evaluate on holdout genes, explain with chunked SHAP, write the run report.",
 )
 
 
