@@ -6,7 +6,8 @@ test dataset and a temporary output folder. In file order:
 
 - full_training through the GraphQL client: the chain sensors in the daemon launch the train
   runs and the evaluation; materializations checked through GraphQL;
-- the UI pages of that run in headless Chromium (browser_check.py);
+- the UI pages of that run in headless Chromium (browser_check.py), and the plots behind their
+  "Show Markdown" links, opened through the DevTools protocol;
 - an out-of-memory kill of one step in a train run, then a re-execution from failure
   through GraphQL that runs only that step;
 - the dataset sensor, started through GraphQL, launching full_training when a shard appears.
@@ -336,7 +337,14 @@ def test_ui_pages_render_in_headless_chromium(servers, full_chain, tmp_path_fact
         pytest.skip(message)
     out = Path(os.environ.get("MEMOPT_SCREENSHOT_DIR") or tmp_path_factory.mktemp("ui_screenshots"))
     screenshots = browser_check.check_pages(servers.url, out, chromium=chromium)
-    assert [p.name for p in screenshots] == ["asset_graph.png", "holdout_evaluation.png"]
+    # The two pages, then the plots' dialogs (their images checked as decoded in the browser).
+    assert [p.name for p in screenshots] == [
+        "asset_graph.png",
+        "holdout_evaluation.png",
+        "holdout_evaluation_memory_timeline.png",
+        "holdout_evaluation_pr_curves.png",
+    ]
+    assert all(p.stat().st_size > 10_000 for p in screenshots[2:]), [(p.name, p.stat().st_size) for p in screenshots]
     print(f"screenshots: {[str(p) for p in screenshots]}")
 
 
