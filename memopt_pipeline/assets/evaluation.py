@@ -11,6 +11,7 @@ from memopt_pipeline.core.ensemble import Ensemble, EnsembleMember
 from memopt_pipeline.core.evaluation import evaluate_holdout
 from memopt_pipeline.core.explain import DEFAULT_RESERVOIR_ROWS, DEFAULT_ROW_TOP_K, chunked_shap, reservoir_bytes
 from memopt_pipeline.core.planner import MemoryPlan
+from memopt_pipeline.core.report import markdown_table
 from memopt_pipeline.core.plots import (
     calibration_png,
     pr_curves_png,
@@ -118,8 +119,7 @@ def holdout_evaluation(
 
 
 def _confusion_markdown(matrix: list[list[int]], classes: list) -> str:
-    header = "| true \\ predicted | " + " | ".join(map(str, classes)) + " |\n|---|" + "---|" * len(classes) + "\n"
-    return header + "\n".join(f"| {c} | " + " | ".join(map(str, row)) + " |" for c, row in zip(classes, matrix))
+    return markdown_table(["true \\ predicted", *map(str, classes)], ([c, *row] for c, row in zip(classes, matrix)))
 
 
 @dg.asset_check(asset=holdout_evaluation, blocking=True, description="The model must beat the class prior.")
@@ -247,7 +247,7 @@ def shap_summary(
             "reservoir_rows": summary.reservoir.size,
             "additivity_max_error": summary.additivity_max_error,
             "top_features": dg.MetadataValue.md(
-                "| feature | mean abs SHAP |\n|---|---|\n" + "\n".join(f"| {f} | {v:.4f} |" for f, v in top)
+                markdown_table(["feature", "mean abs SHAP"], ((f, f"{v:.4f}") for f, v in top))
             ),
             "shap_importance": dg.MetadataValue.md(importance_markdown),
             "shap_beeswarm": dg.MetadataValue.md(beeswarm_markdown),

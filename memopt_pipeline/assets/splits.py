@@ -9,6 +9,7 @@ from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME, instance
 from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.folds import assign_instances, fast_validation_split, fold_class_counts, gene_folds
 from memopt_pipeline.core.planner import MemoryPlan
+from memopt_pipeline.core.report import markdown_table
 from memopt_pipeline.core.sampling import GeneSplit, split_genes
 
 
@@ -149,5 +150,4 @@ def cv_folds(
 
 
 def _markdown_table(frame: pl.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    return header + "\n".join("| " + " | ".join(str(v) for v in row) + " |" for row in frame.iter_rows())
+    return markdown_table(frame.columns, frame.iter_rows())

@@ -15,6 +15,7 @@ from memopt_pipeline.core.dataset import DatasetMetadata
 from memopt_pipeline.core.ladder import settings_for
 from memopt_pipeline.core.memory import lightgbm_callback, release_memory, xgboost_callback
 from memopt_pipeline.core.planner import MemoryPlan
+from memopt_pipeline.core.report import markdown_table
 from memopt_pipeline.core.storage import atomic_path, write_json
 from memopt_pipeline.core.xgboost_backend import save_xgboost_model, train_instance_xgboost
 from memopt_pipeline.core.xgboost_dask import dask_client, train_instance_xgboost_dask
@@ -255,20 +256,16 @@ def _calibrate(context: dg.AssetExecutionContext, training, method: str) -> tupl
 
 def _fold_table(summary: dict) -> str:
     classes = list(summary["cv_pr_auc"])
-    header = "| fold | best iteration | valid logloss | " + " | ".join(f"PR-AUC {c}" for c in classes) + " |\n"
-    header += "|---|---|---|" + "---|" * len(classes) + "\n"
     rows = [
-        f"| {f['fold']} | {f['best_iteration']} | {f['valid_logloss']:.4f} | "
-        + " | ".join(f"{f['pr_auc'].get(c, float('nan')):.3f}" for c in classes)
-        + " |"
+        [f["fold"], f["best_iteration"], f"{f['valid_logloss']:.4f}"]
+        + [f"{f['pr_auc'].get(c, float('nan')):.3f}" for c in classes]
         for f in summary["folds"]
     ]
-    mean = (
-        f"| mean ± std | {summary['best_iteration_mean']:.1f} | {summary['cv_logloss_mean']:.4f} ± {summary['cv_logloss_std']:.4f} | "
-        + " | ".join(f"{v['mean']:.3f} ± {v['std']:.3f}" for v in summary["cv_pr_auc"].values())
-        + " |"
+    rows.append(
+        ["mean ± std", f"{summary['best_iteration_mean']:.1f}", f"{summary['cv_logloss_mean']:.4f} ± {summary['cv_logloss_std']:.4f}"]
+        + [f"{v['mean']:.3f} ± {v['std']:.3f}" for v in summary["cv_pr_auc"].values()]
     )
-    return header + "\n".join(rows + [mean])
+    return markdown_table(["fold", "best iteration", "valid logloss", *(f"PR-AUC {c}" for c in classes)], rows)
 
 
 class EnsembleConfig(dg.Config):

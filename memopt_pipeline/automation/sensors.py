@@ -17,6 +17,7 @@ import dagster as dg
 
 from memopt_pipeline.assets import ALL_ASSETS
 from memopt_pipeline.automation.jobs import ALL_JOBS
+from memopt_pipeline.automation.run_config import run_config_for
 from memopt_pipeline.core.failures import text_is_out_of_memory
 from memopt_pipeline.core.ladder import LADDER_TAG, ladder_level, next_level_after_failure
 
@@ -29,15 +30,6 @@ def _failed_attempts(instance: dg.DagsterInstance, run_id: str, step_key: str) -
     """Attempts of ``step_key`` in the run: its step retries plus the final failure."""
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY).records
     return 1 + sum(1 for record in records if record.event_log_entry.step_key == step_key)
-
-
-def _carried_run_config(run_config: dict, steps: list[str]) -> dict:
-    """The failed run's config for a re-run of ``steps`` only (other ops' config would be rejected)."""
-    carried = {k: v for k, v in run_config.items() if k in ("resources", "execution", "loggers")}
-    ops = {op: value for op, value in (run_config.get("ops") or {}).items() if op in steps}
-    if ops:
-        carried["ops"] = ops
-    return carried
 
 
 @dg.run_failure_sensor(
@@ -89,6 +81,11 @@ def oom_rematerialization_sensor(context: dg.RunFailureSensorContext):
         job_name=run.job_name,
         partition_key=partition,
         asset_selection=[dg.AssetKey(step) for step in unfinished],
-        run_config=_carried_run_config(run.run_config or {}, unfinished),
+        # Only the re-run ops' config: a run may not configure ops outside its selection.
+        run_config=run_config_for(
+            [a for a in ALL_ASSETS if a.key.to_user_string() in unfinished],
+            (run.run_config or {}).get("ops") or {},
+            run.run_config or {},
+        ),
         tags=tags,
     )

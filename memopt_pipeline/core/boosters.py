@@ -259,6 +259,84 @@ def predict_genes(
     return np.concatenate(labels), np.concatenate(proba)
 
 
+class PhaseOne:
+    """Phase-1 bookkeeping shared by every backend: which genes train and validate each fold,
+    the fold results and their log lines, the out-of-fold predictions, the refit's number of
+    rounds and the final :class:`InstanceTraining`."""
+
+    def __init__(
+        self,
+        fold_of_gene: dict[str, int],
+        validation_folds: Collection[int] | None,
+        classes: list,
+        log: Callable[[str], None],
+    ):
+        self.fold_of_gene = fold_of_gene
+        self.all_genes = sorted(fold_of_gene)
+        self.folds = validation_fold_list(fold_of_gene, validation_folds)
+        self.classes = classes
+        self.log = log
+        self.results: list[FoldResult] = []
+        self._oof_labels: list[np.ndarray] = []
+        self._oof_proba: list[np.ndarray] = []
+
+    def split(self, fold: int) -> tuple[list[str], list[str]]:
+        """(training genes, validation genes) of ``fold``."""
+        valid = [g for g in self.all_genes if self.fold_of_gene[g] == fold]
+        train = [g for g in self.all_genes if self.fold_of_gene[g] != fold]
+        return train, valid
+
+    def record(
+        self,
+        fold: int,
+        train_genes: list[str],
+        valid_genes: list[str],
+        *,
+        train_rows: int,
+        valid_rows: int,
+        best_iteration: int,
+        labels: np.ndarray,
+        proba: np.ndarray,
+        started: float,
+    ) -> FoldResult:
+        """Score one fold's held-out predictions, keep them for calibration, log the result."""
+        logloss, pr_auc = fold_scores(labels, proba, self.classes)
+        self._oof_labels.append(labels)
+        self._oof_proba.append(proba)
+        result = FoldResult(
+            fold=fold,
+            train_genes=len(train_genes),
+            valid_genes=len(valid_genes),
+            train_rows=train_rows,
+            valid_rows=valid_rows,
+            best_iteration=int(best_iteration),
+            valid_logloss=logloss,
+            seconds=time.monotonic() - started,
+            pr_auc=pr_auc,
+        )
+        self.results.append(result)
+        self.log(
+            f"phase 1, fold {fold + 1}: best iteration {best_iteration}, valid logloss {logloss:.4f}, PR-AUC "
+            + ", ".join(f"{c} {v:.3f}" for c, v in pr_auc.items())
+        )
+        return result
+
+    def refit_rounds(self) -> int:
+        """Phase 2's number of trees: the mean best iteration of the folds."""
+        return max(1, int(round(np.mean([r.best_iteration for r in self.results]))))
+
+    def training(self, booster, *, num_rounds: int, train_rows: int) -> InstanceTraining:
+        return InstanceTraining(
+            booster=booster,
+            num_rounds=num_rounds,
+            folds=self.results,
+            train_rows=train_rows,
+            train_genes=len(self.all_genes),
+            oof_labels=np.concatenate(self._oof_labels),
+            oof_proba=np.concatenate(self._oof_proba),
+        )
+
+
 def validation_fold_list(fold_of_gene: dict[str, int], validation_folds: Collection[int] | None) -> list[int]:
     """The folds that take a turn as validation set: all of them, or the given ones (fast mode)."""
     folds = sorted(set(fold_of_gene.values()))
@@ -305,18 +383,12 @@ def train_instance(
 
     ``validation_folds`` None: every fold is validated once (k-fold); otherwise only those
     (fast mode: one 5% fold)."""
-    n_classes = reader.metadata.n_classes
-    classes = reader.metadata.classes
-    lgb_params = lightgbm_params(params, n_classes=n_classes, bin_sample_rows=bin_sample_rows)
-    all_genes = sorted(fold_of_gene)
-    folds = validation_fold_list(fold_of_gene, validation_folds)
-    results: list[FoldResult] = []
-    oof_labels, oof_proba = [], []
-    for fold in folds:
+    lgb_params = lightgbm_params(params, n_classes=reader.metadata.n_classes, bin_sample_rows=bin_sample_rows)
+    phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)
+    for fold in phase.folds:
         started = time.monotonic()
-        valid_genes = [g for g in all_genes if fold_of_gene[g] == fold]
-        train_genes = [g for g in all_genes if fold_of_gene[g] != fold]
-        log(f"phase 1, fold {fold + 1}/{len(folds)}: binning {len(train_genes)} training genes")
+        train_genes, valid_genes = phase.split(fold)
+        log(f"phase 1, fold {fold + 1}/{len(phase.folds)}: binning {len(train_genes)} training genes")
         train_set = build_dataset(
             reader, train_genes, batch_rows=batch_rows, lgb_params=lgb_params, purpose=f"fold {fold + 1} binning train"
         )
@@ -349,32 +421,16 @@ def train_instance(
             reader, valid_genes, lambda x: booster.predict(x, num_iteration=best),
             batch_rows=batch_rows, purpose=f"fold {fold + 1} out-of-fold prediction",
         )  # fmt: skip
-        logloss, pr_auc = fold_scores(labels, proba, classes)
-        oof_labels.append(labels)
-        oof_proba.append(proba)
-        results.append(
-            FoldResult(
-                fold=fold,
-                train_genes=len(train_genes),
-                valid_genes=len(valid_genes),
-                train_rows=train_rows,
-                valid_rows=valid_rows,
-                best_iteration=int(best),
-                valid_logloss=logloss,
-                seconds=time.monotonic() - started,
-                pr_auc=pr_auc,
-            )
-        )
-        log(
-            f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {logloss:.4f}, PR-AUC "
-            + ", ".join(f"{c} {v:.3f}" for c, v in pr_auc.items())
-        )
+        phase.record(
+            fold, train_genes, valid_genes, train_rows=train_rows, valid_rows=valid_rows, best_iteration=best,
+            labels=labels, proba=proba, started=started,
+        )  # fmt: skip
         del booster
         release()
 
-    num_rounds = max(1, int(round(np.mean([r.best_iteration for r in results]))))
-    log(f"phase 2: refit on all {len(all_genes)} genes for {num_rounds} rounds")
-    full_set = build_dataset(reader, all_genes, batch_rows=batch_rows, lgb_params=lgb_params, purpose="refit binning")
+    num_rounds = phase.refit_rounds()
+    log(f"phase 2: refit on all {len(phase.all_genes)} genes for {num_rounds} rounds")
+    full_set = build_dataset(reader, phase.all_genes, batch_rows=batch_rows, lgb_params=lgb_params, purpose="refit binning")
     booster = lgb.train(
         lgb_params,
         full_set,
@@ -384,12 +440,4 @@ def train_instance(
     train_rows = full_set.num_data()
     del full_set
     release()
-    return InstanceTraining(
-        booster=booster,
-        num_rounds=num_rounds,
-        folds=results,
-        train_rows=train_rows,
-        train_genes=len(all_genes),
-        oof_labels=np.concatenate(oof_labels),
-        oof_proba=np.concatenate(oof_proba),
-    )
+    return phase.training(booster, num_rounds=num_rounds, train_rows=train_rows)

@@ -115,7 +115,8 @@ def _num(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """A markdown table (pipes inside cells become "/"), for reports and asset metadata."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell).replace("|", "/") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -146,7 +147,7 @@ def _summary(plan: Mapping, stages: Sequence[StageMemory], instances: Mapping, h
 
 def _data(dataset: Mapping, split: Mapping) -> str:
     total = max(sum(dataset["class_counts"]), 1)
-    overview = _table(
+    overview = markdown_table(
         ["rows", "genes", "features", "classes", "shards", "on disk GiB", "raw float32 GiB"],
         [[
             f"{dataset['n_rows']:,}", f"{dataset['n_genes']:,}", len(dataset["features"]), len(dataset["classes"]),
@@ -154,7 +155,7 @@ def _data(dataset: Mapping, split: Mapping) -> str:
             _num(dataset["n_rows"] * len(dataset["features"]) * 4 / GiB, 3),
         ]],
     )
-    classes = _table(
+    classes = markdown_table(
         ["class", "rows", "share"],
         [[c, f"{n:,}", f"{n / total:.2%}"] for c, n in zip(dataset["classes"], dataset["class_counts"])],
     )
@@ -180,7 +181,7 @@ def _memory(plan: Mapping, stages: Sequence[StageMemory]) -> list[str | Image]:
     )
     if not stages:
         return [settings, "*No guarded stage has recorded a peak yet.*"]
-    table = _table(
+    table = markdown_table(
         ["stage", "planned peak GiB", "measured peak GiB", "plan error GiB", "budget GiB", "headroom GiB", "seconds", "run"],
         [[
             s.stage, _num(s.predicted_peak_gb, 3), _num(s.peak_rss_gb, 3), _num(s.plan_error_gb, 3), _num(s.budget_gb, 2),
@@ -203,7 +204,7 @@ def _memory(plan: Mapping, stages: Sequence[StageMemory]) -> list[str | Image]:
 
 
 def _training(instances: Mapping[str, Mapping], ensemble: Mapping) -> str:
-    overview = _table(
+    overview = markdown_table(
         ["instance", "genes", "rows", "rounds", "backend", "ladder level", "CV logloss mean ± std", "folds"],
         [[
             key, _num(card.get("train_genes")), _num(card.get("train_rows")), card.get("num_rounds"), card.get("backend"),
@@ -218,7 +219,7 @@ def _training(instances: Mapping[str, Mapping], ensemble: Mapping) -> str:
             continue
         classes = list(folds[0].get("pr_auc", {}))
         parts.append(f"**{key}** folds")
-        parts.append(_table(
+        parts.append(markdown_table(
             ["fold", "train genes", "valid genes", "best iteration", "valid logloss", *[f"PR-AUC {c}" for c in classes], "seconds"],
             [[
                 f["fold"], f["train_genes"], f["valid_genes"], f["best_iteration"], _num(f["valid_logloss"]),
@@ -234,7 +235,7 @@ def _training(instances: Mapping[str, Mapping], ensemble: Mapping) -> str:
 
 
 def _holdout(holdout: Mapping, classes: Sequence) -> list[str | Image]:
-    overall = _table(
+    overall = markdown_table(
         ["logloss", "class prior logloss", "uncalibrated logloss", "accuracy", "mean ECE before → after calibration"],
         [[
             _num(holdout["logloss"]), _num(holdout["baseline_logloss"]), _num(holdout.get("uncalibrated_logloss")),
@@ -243,14 +244,14 @@ def _holdout(holdout: Mapping, classes: Sequence) -> list[str | Image]:
         ]],
     )
     ece = dict(zip(holdout["per_class"], holdout.get("ece_after_calibration", {}).get("per_class", [])))
-    per_class = _table(
+    per_class = markdown_table(
         ["class", "support", "prevalence", "PR-AUC", "ROC-AUC", "best F1", "top-k accuracy", "ECE"],
         [[
             name, _num(v.get("support")), _num(v["prevalence"]), _num(v["pr_auc"]), _num(v["roc_auc"]),
             _num(v["best_f1"]), _num(v["top_k_accuracy"]), _num(ece.get(name)),
         ] for name, v in holdout["per_class"].items()],
     )
-    matrix = _table(
+    matrix = markdown_table(
         ["true \\ predicted", *map(str, classes)],
         [[c, *[f"{n:,}" for n in row]] for c, row in zip(classes, holdout["confusion_matrix"])],
     )
@@ -275,7 +276,7 @@ def _shap(shap: Mapping) -> list[str | Image]:
         f"{shap.get('reservoir_rows', 'n/a')} rows. Values are in raw-score (margin) units, averaged over the "
         "instance models."
     )
-    top = _table(["rank", "feature", "mean abs SHAP"], [[i + 1, f, _num(v)] for i, (f, v) in enumerate(shap["top_features"])])
+    top = markdown_table(["rank", "feature", "mean abs SHAP"], [[i + 1, f, _num(v)] for i, (f, v) in enumerate(shap["top_features"])])
     found = shap.get("plots", {})
     files = "\n".join(
         f"- {what}: `{shap[key]}`"

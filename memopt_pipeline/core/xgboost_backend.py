@@ -38,14 +38,7 @@ import xgboost
 
 from memopt_pipeline.core import gpu
 from memopt_pipeline.core.batches import BatchReader
-from memopt_pipeline.core.boosters import (
-    BoostingParams,
-    FoldResult,
-    InstanceTraining,
-    fold_scores,
-    predict_genes,
-    validation_fold_list,
-)
+from memopt_pipeline.core.boosters import BoostingParams, InstanceTraining, PhaseOne, predict_genes
 from memopt_pipeline.core.storage import atomic_path
 
 # XGBoost has no minimum number of rows per leaf, only a minimum sum of hessians
@@ -289,7 +282,8 @@ def _best_rounds(booster: xgboost.Booster) -> int:
         return booster.num_boosted_rounds()
 
 
-def _one_hot(params: BoostingParams, n_classes: int) -> int | None:
+def one_hot_classes(params: BoostingParams, n_classes: int) -> int | None:
+    """Classes to one-hot the labels into (one-vs-rest), or None (softmax takes class indices)."""
     return n_classes if params.objective == "ovr" else None
 
 
@@ -315,7 +309,7 @@ def _fit_fold(
         "batch_rows": batch_rows,
         "max_bin": params.max_bin,
         "nthread": params.num_threads,
-        "one_hot_classes": _one_hot(params, reader.metadata.n_classes),
+        "one_hot_classes": one_hot_classes(params, reader.metadata.n_classes),
     }
     folder = label.replace(" ", "")
     train = caches.build(reader, train_genes, f"{folder}-train", **matrix_args)
@@ -355,7 +349,7 @@ def _refit(
 ) -> tuple[xgboost.Booster, int]:
     full = caches.build(
         reader, genes, "refit", batch_rows=batch_rows, max_bin=params.max_bin, nthread=params.num_threads,
-        one_hot_classes=_one_hot(params, reader.metadata.n_classes),
+        one_hot_classes=one_hot_classes(params, reader.metadata.n_classes),
     )  # fmt: skip
     booster = xgboost.train(
         xgb_params,
@@ -389,53 +383,31 @@ def train_instance_xgboost(
     error). The returned ``InstanceTraining.booster`` is an ``xgboost.Booster``.
     ``validation_folds``: as in :func:`boosters.train_instance` (None = k-fold).
     """
-    n_classes = reader.metadata.n_classes
-    xgb_params = xgboost_params(params, n_classes=n_classes, device=device or choose_device(log))
+    xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device or choose_device(log))
     callbacks = list(callbacks or [])
-    all_genes = sorted(fold_of_gene)
-    folds = validation_fold_list(fold_of_gene, validation_folds)
-    classes = reader.metadata.classes
-    results: list[FoldResult] = []
-    oof_labels, oof_proba = [], []
+    phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)
     caches = _CacheFolders(external_memory_dir)
     try:
-        for fold in folds:
+        for fold in phase.folds:
             started = time.monotonic()
-            valid_genes = [g for g in all_genes if fold_of_gene[g] == fold]
-            train_genes = [g for g in all_genes if fold_of_gene[g] != fold]
+            train_genes, valid_genes = phase.split(fold)
             label = f"fold {fold + 1}"
-            log(f"phase 1, fold {fold + 1}/{len(folds)}: binning {len(train_genes)} training genes")
+            log(f"phase 1, fold {fold + 1}/{len(phase.folds)}: binning {len(train_genes)} training genes")
             best, train_rows, valid_rows, labels, proba = _fit_fold(
                 caches, reader, train_genes, valid_genes, xgb_params=xgb_params, params=params,
                 batch_rows=batch_rows, label=label, callbacks=callbacks, log=log,
             )  # fmt: skip
             caches.release()
-            logloss, pr_auc = fold_scores(labels, proba, classes)
-            oof_labels.append(labels)
-            oof_proba.append(proba)
-            results.append(
-                FoldResult(
-                    fold=fold,
-                    train_genes=len(train_genes),
-                    valid_genes=len(valid_genes),
-                    train_rows=train_rows,
-                    valid_rows=valid_rows,
-                    best_iteration=best,
-                    valid_logloss=logloss,
-                    seconds=time.monotonic() - started,
-                    pr_auc=pr_auc,
-                )
-            )
-            log(
-                f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {logloss:.4f}, PR-AUC "
-                + ", ".join(f"{c} {v:.3f}" for c, v in pr_auc.items())
-            )
+            phase.record(
+                fold, train_genes, valid_genes, train_rows=train_rows, valid_rows=valid_rows, best_iteration=best,
+                labels=labels, proba=proba, started=started,
+            )  # fmt: skip
             release()
 
-        num_rounds = max(1, int(round(np.mean([r.best_iteration for r in results])))) if results else 1
-        log(f"phase 2: refit on all {len(all_genes)} genes for {num_rounds} rounds")
+        num_rounds = phase.refit_rounds()
+        log(f"phase 2: refit on all {len(phase.all_genes)} genes for {num_rounds} rounds")
         booster, train_rows = _refit(
-            caches, reader, all_genes, xgb_params=xgb_params, params=params, batch_rows=batch_rows,
+            caches, reader, phase.all_genes, xgb_params=xgb_params, params=params, batch_rows=batch_rows,
             num_rounds=num_rounds, callbacks=callbacks, log=log,
         )  # fmt: skip
         caches.release()
@@ -448,15 +420,7 @@ def train_instance_xgboost(
         raise
     finally:
         caches.close()
-    return InstanceTraining(
-        booster=booster,
-        num_rounds=num_rounds,
-        folds=results,
-        train_rows=train_rows,
-        train_genes=len(all_genes),
-        oof_labels=np.concatenate(oof_labels),
-        oof_proba=np.concatenate(oof_proba),
-    )
+    return phase.training(booster, num_rounds=num_rounds, train_rows=train_rows)
 
 
 # --- persistence ---------------------------------------------------------------------------

@@ -39,10 +39,10 @@ import numpy as np
 import pandas as pd
 
 from memopt_pipeline.core.batches import BatchReader
-from memopt_pipeline.core.boosters import BoostingParams, FoldResult, InstanceTraining, fold_scores, validation_fold_list
+from memopt_pipeline.core.boosters import BoostingParams, InstanceTraining, PhaseOne
 from memopt_pipeline.core.calibration import normalise_rows
 from memopt_pipeline.core.dataset import DatasetMetadata
-from memopt_pipeline.core.xgboost_backend import _best_rounds, xgboost_params
+from memopt_pipeline.core.xgboost_backend import _best_rounds, one_hot_classes, xgboost_params
 
 # The label travels as one more column of each partition; a name no feature will have.
 LABEL_COLUMN = "__memopt_label__"
@@ -232,7 +232,7 @@ def _fit_fold(
     from xgboost import dask as dxgb
 
     features = list(reader.features)
-    one_hot = reader.metadata.n_classes if params.objective == "ovr" else None
+    one_hot = one_hot_classes(params, reader.metadata.n_classes)
     train_frame = instance_frame(reader, train_genes, **frame_args)
     valid_frame = instance_frame(reader, valid_genes, **frame_args)
     train = _matrix(session, train_frame, features, max_bin=params.max_bin, one_hot_classes=one_hot)
@@ -284,60 +284,31 @@ def train_instance_xgboost_dask(
     xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device)
     coll_cfg = CollConfig(tracker_host_ip=session.tracker_host) if session.tracker_host else None
     frame_args = {"partition_rows": partition_rows, "batch_rows": batch_rows}
-    classes = reader.metadata.classes
-    all_genes = sorted(fold_of_gene)
-    folds = validation_fold_list(fold_of_gene, validation_folds)
-    results: list[FoldResult] = []
-    oof_labels, oof_proba = [], []
-    for fold in folds:
+    phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)
+    for fold in phase.folds:
         started = time.monotonic()
-        valid_genes = [g for g in all_genes if fold_of_gene[g] == fold]
-        train_genes = [g for g in all_genes if fold_of_gene[g] != fold]
+        train_genes, valid_genes = phase.split(fold)
         train_rows, valid_rows = reader.count_rows(train_genes), reader.count_rows(valid_genes)
         log(
-            f"phase 1, fold {fold + 1}/{len(folds)}: {session.description} bins {len(train_genes)} training genes "
+            f"phase 1, fold {fold + 1}/{len(phase.folds)}: {session.description} bins {len(train_genes)} training genes "
             f"({train_rows:,} rows); early stopping on {valid_rows:,} rows"
         )
         best, labels, proba = _fit_fold(
             session, reader, train_genes, valid_genes, xgb_params=xgb_params, params=params, coll_cfg=coll_cfg,
             frame_args=frame_args,
         )  # fmt: skip
-        logloss, pr_auc = fold_scores(labels, proba, classes)
-        oof_labels.append(labels)
-        oof_proba.append(proba)
-        results.append(
-            FoldResult(
-                fold=fold,
-                train_genes=len(train_genes),
-                valid_genes=len(valid_genes),
-                train_rows=train_rows,
-                valid_rows=valid_rows,
-                best_iteration=best,
-                valid_logloss=logloss,
-                seconds=time.monotonic() - started,
-                pr_auc=pr_auc,
-            )
-        )
-        log(
-            f"phase 1, fold {fold + 1}: best iteration {best}, valid logloss {logloss:.4f}, PR-AUC "
-            + ", ".join(f"{c} {v:.3f}" for c, v in pr_auc.items())
-        )
+        phase.record(
+            fold, train_genes, valid_genes, train_rows=train_rows, valid_rows=valid_rows, best_iteration=best,
+            labels=labels, proba=proba, started=started,
+        )  # fmt: skip
 
-    num_rounds = max(1, int(round(np.mean([r.best_iteration for r in results]))))
-    train_rows = reader.count_rows(all_genes)
-    log(f"phase 2: refit on all {len(all_genes)} genes ({train_rows:,} rows) for {num_rounds} rounds")
-    one_hot = reader.metadata.n_classes if params.objective == "ovr" else None
+    num_rounds = phase.refit_rounds()
+    train_rows = reader.count_rows(phase.all_genes)
+    log(f"phase 2: refit on all {len(phase.all_genes)} genes ({train_rows:,} rows) for {num_rounds} rounds")
+    one_hot = one_hot_classes(params, reader.metadata.n_classes)
     full = _matrix(
-        session, instance_frame(reader, all_genes, **frame_args), list(reader.features), max_bin=params.max_bin,
+        session, instance_frame(reader, phase.all_genes, **frame_args), list(reader.features), max_bin=params.max_bin,
         one_hot_classes=one_hot,
     )  # fmt: skip
     output = dxgb.train(session.client, xgb_params, full, num_boost_round=num_rounds, verbose_eval=False, coll_cfg=coll_cfg)
-    return InstanceTraining(
-        booster=output["booster"],
-        num_rounds=num_rounds,
-        folds=results,
-        train_rows=train_rows,
-        train_genes=len(all_genes),
-        oof_labels=np.concatenate(oof_labels),
-        oof_proba=np.concatenate(oof_proba),
-    )
+    return phase.training(output["booster"], num_rounds=num_rounds, train_rows=train_rows)
