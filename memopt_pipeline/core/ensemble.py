@@ -112,13 +112,13 @@ class Ensemble:
         self.one_at_a_time = (
             max_resident_bytes is not None and self.model_bytes * MODEL_MEMORY_FACTOR > max_resident_bytes
         )
+        # Eager: every model stays loaded. One at a time: models are loaded per call (or once
+        # per pass with iter_members), and the feature check happens as each is loaded.
         first = load_model(self.members[0].model_path)
         self.feature_names = first.feature_names
         self.n_classes = first.predict_raw(np.zeros((1, len(self.feature_names)), dtype=np.float32)).shape[-1]
+        self.models = None if self.one_at_a_time else [first, *(self._load(m) for m in self.members[1:])]
         del first
-        # Eager: every model stays loaded. One at a time: models are loaded per call (or once
-        # per pass with iter_members), and the feature check happens as each is loaded.
-        self.models = None if self.one_at_a_time else [self._load(m) for m in self.members]
 
     def _load(self, member: EnsembleMember):
         model = load_model(member.model_path)
