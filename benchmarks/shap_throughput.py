@@ -42,9 +42,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # train_memory's helpers: dataset, child processes, wait4
 
 import train_memory  # noqa: E402
+from memopt_pipeline.core.units import GiB
 
 RESULTS_DIR = BENCH_DIR / "results"
-GiB = 1024**3
 CHILD_MODES = ("prepare", "read", "chunked", "one_shot", "tree_explainer")
 
 
@@ -110,9 +110,9 @@ def prepare_child(data: Path, run_dir: Path, args: argparse.Namespace) -> dict:
     import lightgbm as lgb
     import numpy as np
 
-    from memopt_pipeline.core.batches import BatchReader
-    from memopt_pipeline.core.dataset import list_shards, scan_dataset
-    from memopt_pipeline.core.synthetic import GENE_COLUMN, LABEL_COLUMN
+    from memopt_pipeline.core.data.batch_reader import BatchReader
+    from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
+    from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN
 
     metadata = scan_dataset(list_shards(data), gene_column=GENE_COLUMN, label_column=LABEL_COLUMN,
                             gene_stats_path=run_dir / "gene_stats.parquet")
@@ -289,10 +289,11 @@ def main_child(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from memopt_pipeline.core.batches import BatchReader
-    from memopt_pipeline.core.dataset import DatasetMetadata
-    from memopt_pipeline.core.ensemble import Ensemble, EnsembleMember
-    from memopt_pipeline.core.memory import StageMonitor, available_memory_bytes
+    from memopt_pipeline.core.data.batch_reader import BatchReader
+    from memopt_pipeline.core.data.dataset import DatasetMetadata
+    from memopt_pipeline.core.evaluate.ensemble import Ensemble, EnsembleMember
+    from memopt_pipeline.core.memory.monitor import StageMonitor
+    from memopt_pipeline.core.memory.limits import available_memory_bytes
 
     spec = json.loads(Path(args.spec).read_text())
     metadata = DatasetMetadata.from_dict(spec["metadata"])
@@ -328,7 +329,7 @@ def main_child(args: argparse.Namespace) -> int:
             wall, cpu, have = _measure(read_only)
             result.update(rows=have, chunk_rows=chunk_rows, note="BatchReader pass only, batches as chunked reads them")
         elif args.child == "chunked":
-            from memopt_pipeline.core.explain import chunked_shap
+            from memopt_pipeline.core.evaluate.shap_summary import chunked_shap
 
             rows_path = Path(args.out).with_suffix(".rows.parquet")
             wall, cpu, summary = _measure(lambda: chunked_shap(

@@ -53,13 +53,12 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from memopt_pipeline.core.units import GiB
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 DATA_DIR = BENCH_DIR / "data"
-GiB = 1024**3
-
 APPROACHES = ("naive_lightgbm", "naive_xgboost_hist", "xgboost_extmem", "pipeline")
 
 # The pipeline's gene_split defaults: the baselines must hold out exactly the same genes.
@@ -134,7 +133,7 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
     print(f"dataset: {out} (generated on first use)", flush=True)
     # A subprocess, so the generator's memory is never part of this process. It prints a
     # line per shard (160 for 8000 genes); every 20th is enough to show progress.
-    command = [sys.executable, "-m", "memopt_pipeline.core.synthetic", str(out),
+    command = [sys.executable, "-m", "memopt_pipeline.core.data.synthetic", str(out),
                "--genes", str(args.genes), "--mean-exons", str(args.mean_exons)]
     process = subprocess.Popen(command, cwd=REPO_DIR, stdout=subprocess.PIPE, text=True)
     for line in process.stdout:
@@ -154,10 +153,10 @@ def prepare_spec(data: Path, run_dir: Path, args: argparse.Namespace) -> dict:
     """Scan the dataset and fix the genes every approach uses; written to run_dir/spec.json for the children."""
     import polars as pl
 
-    from memopt_pipeline.core.dataset import list_shards, scan_dataset
-    from memopt_pipeline.core.folds import gene_folds
-    from memopt_pipeline.core.sampling import split_genes
-    from memopt_pipeline.core.synthetic import GENE_COLUMN, LABEL_COLUMN
+    from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
+    from memopt_pipeline.core.data.folds import gene_folds
+    from memopt_pipeline.core.data.sampling import split_genes
+    from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN
 
     metadata = scan_dataset(
         list_shards(data), gene_column=GENE_COLUMN, label_column=LABEL_COLUMN,
@@ -261,7 +260,7 @@ def _last_line(path: Path, limit: int = 160) -> str:
 
 
 def holdout_metrics(predictions_path: Path, classes: list) -> dict:
-    from memopt_pipeline.core.metrics import multiclass_metrics
+    from memopt_pipeline.core.evaluate.metrics import multiclass_metrics
 
     with np.load(predictions_path) as saved:
         return multiclass_metrics(saved["labels"], saved["proba"], classes)

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-GiB = 1024**3
-
 
 def _instance():
     """The project's Dagster instance: $DAGSTER_HOME if set, else ./dagster.yaml (as `dagster dev` does)."""
@@ -112,7 +110,7 @@ def format_summary(collected: dict[str, dict], wall_seconds: float) -> str:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    from memopt_pipeline.core.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec
+    from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec
 
     parser.add_argument("--data", default="", help="Parquet file or folder of shards (default: generated demo data)")
     parser.add_argument("--gene-column", default=GENE_COLUMN, help="group (gene) id column")
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "ui":
         return subprocess.call([sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", *args.extra])
-    from memopt_pipeline.core.synthetic import main as synthetic_main
+    from memopt_pipeline.core.data.synthetic import main as synthetic_main
 
     return synthetic_main([args.out_dir])
 

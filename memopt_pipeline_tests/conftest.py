@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from memopt_pipeline.core.dataset import DatasetMetadata, list_shards, scan_dataset
-from memopt_pipeline.core.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
+from memopt_pipeline.core.data.dataset import DatasetMetadata, list_shards, scan_dataset
+from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
 
 # Small but real: 3 shards, several row groups each, all three classes, 170 features.
 TINY_SPEC = SyntheticSpec(n_genes=36, kmer_sizes=(1, 2, 3), windows=((-10, 0), (0, 10)), genes_per_shard=12, row_group_rows=1_000, seed=11)

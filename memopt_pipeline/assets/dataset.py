@@ -6,9 +6,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from memopt_pipeline.core.dataset import list_shards, scan_dataset
-from memopt_pipeline.core.ingest import ingest_csv, is_csv_input
-from memopt_pipeline.core.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
+from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
+from memopt_pipeline.core.data.ingest import ingest_csv, is_csv_input
+from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 DEFAULT_DEMO_DIR = "data/demo"

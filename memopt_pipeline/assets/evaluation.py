@@ -5,23 +5,27 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, guarded_reader
-from memopt_pipeline.core.dataset import DatasetMetadata
-from memopt_pipeline.core.ensemble import Ensemble, EnsembleMember
-from memopt_pipeline.core.evaluation import evaluate_holdout
-from memopt_pipeline.core.explain import DEFAULT_RESERVOIR_ROWS, DEFAULT_ROW_TOP_K, chunked_shap, reservoir_bytes
-from memopt_pipeline.core.planner import MemoryPlan
-from memopt_pipeline.core.report import markdown_table
-from memopt_pipeline.core.plots import (
+from memopt_pipeline.assets.memory_heavy import MEMORY_POOL, MEMORY_RETRY_POLICY, guarded_reader
+from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.evaluate.ensemble import Ensemble, EnsembleMember
+from memopt_pipeline.core.evaluate.holdout import evaluate_holdout
+from memopt_pipeline.core.evaluate.shap_summary import (
+    DEFAULT_RESERVOIR_ROWS,
+    DEFAULT_ROW_TOP_K,
+    chunked_shap,
+    reservoir_bytes,
+)
+from memopt_pipeline.core.memory.planner import MemoryPlan
+from memopt_pipeline.core.report.plots import (
     calibration_png,
     pr_curves_png,
     save_markdown_image,
     shap_beeswarm_png,
     shap_importance_png,
 )
+from memopt_pipeline.core.report.run_report import markdown_table
 from memopt_pipeline.core.storage import write_parquet
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
-
 
 # Share of the budget the loaded instance models may take together; above it they are
 # loaded one at a time (the rest of the budget is for the batches and the predictions).

@@ -4,12 +4,11 @@
 import dagster as dg
 from pydantic import Field
 
-from memopt_pipeline.core.dataset import DatasetMetadata
-from memopt_pipeline.core.memory import process_rss_bytes
-from memopt_pipeline.core.planner import check_free_disk, make_plan
+from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.memory.measure import process_rss_bytes
+from memopt_pipeline.core.memory.planner import check_free_disk, make_plan
+from memopt_pipeline.core.units import GiB
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
-
-GiB = 1024**3
 
 
 class PlanConfig(dg.Config):

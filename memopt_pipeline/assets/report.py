@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from memopt_pipeline.core.report import StageMemory, build_report
+from memopt_pipeline.core.report.run_report import StageMemory, build_report
 from memopt_pipeline.resources import ArtifactStore
 
 # Assets that run under MemoryGuard and so record peak_rss_gb in their materializations.

@@ -3,10 +3,10 @@
 import dagster as dg
 from pydantic import Field
 
-from memopt_pipeline.assets.policies import guarded_reader
-from memopt_pipeline.core.dataset import DatasetMetadata
-from memopt_pipeline.core.planner import MemoryPlan
-from memopt_pipeline.core.screening import screen_features
+from memopt_pipeline.assets.memory_heavy import guarded_reader
+from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.data.screening import screen_features
+from memopt_pipeline.core.memory.planner import MemoryPlan
 from memopt_pipeline.resources import MemoryGuard
 
 

@@ -6,11 +6,11 @@ import polars as pl
 from pydantic import Field
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME, instance_key, instance_partitions
-from memopt_pipeline.core.dataset import DatasetMetadata
-from memopt_pipeline.core.folds import assign_instances, fast_validation_split, fold_class_counts, gene_folds
-from memopt_pipeline.core.planner import MemoryPlan
-from memopt_pipeline.core.report import markdown_table
-from memopt_pipeline.core.sampling import GeneSplit, split_genes
+from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.data.folds import assign_instances, fast_validation_split, fold_class_counts, gene_folds
+from memopt_pipeline.core.data.sampling import GeneSplit, split_genes
+from memopt_pipeline.core.memory.planner import MemoryPlan
+from memopt_pipeline.core.report.run_report import markdown_table
 
 
 class SplitConfig(dg.Config):

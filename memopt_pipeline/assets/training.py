@@ -6,19 +6,22 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
+from memopt_pipeline.assets.memory_heavy import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level, guarded_reader
 from memopt_pipeline.assets.partitions import instance_partitions
-from memopt_pipeline.assets.policies import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level, guarded_reader
-from memopt_pipeline.core.boosters import BoostingParams, train_instance
-from memopt_pipeline.core.calibration import apply_calibration, expected_calibration_error, fit_calibration
-from memopt_pipeline.core.ensemble import validation_weights
-from memopt_pipeline.core.dataset import DatasetMetadata
-from memopt_pipeline.core.ladder import settings_for
-from memopt_pipeline.core.memory import lightgbm_callback, release_memory, xgboost_callback
-from memopt_pipeline.core.planner import MemoryPlan
-from memopt_pipeline.core.report import markdown_table
+from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.evaluate.ensemble import validation_weights
+from memopt_pipeline.core.memory.ladder import settings_for
+from memopt_pipeline.core.memory.planner import MemoryPlan
+from memopt_pipeline.core.memory.release import release_memory
+from memopt_pipeline.core.report.run_report import markdown_table
 from memopt_pipeline.core.storage import atomic_path, write_json
-from memopt_pipeline.core.xgboost_backend import save_xgboost_model, train_instance_xgboost
-from memopt_pipeline.core.xgboost_dask import dask_client, train_instance_xgboost_dask
+from memopt_pipeline.core.train.calibration import apply_calibration, expected_calibration_error, fit_calibration
+from memopt_pipeline.core.train.callbacks import lightgbm_callback, xgboost_callback
+from memopt_pipeline.core.train.instance import BoostingParams
+from memopt_pipeline.core.train.lightgbm_backend import train_instance
+from memopt_pipeline.core.train.xgboost_backend import train_instance_xgboost
+from memopt_pipeline.core.train.xgboost_dask import dask_client, train_instance_xgboost_dask
+from memopt_pipeline.core.train.xgboost_model import save_xgboost_model
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 _DEFAULTS = BoostingParams()

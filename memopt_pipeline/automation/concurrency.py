@@ -24,9 +24,9 @@ from typing import Callable, Iterator
 
 import dagster as dg
 
-from memopt_pipeline.assets.policies import MEMORY_POOL
-from memopt_pipeline.core.concurrency import InstanceConcurrency, instance_concurrency
-from memopt_pipeline.core.planner import MemoryPlan
+from memopt_pipeline.assets.memory_heavy import MEMORY_POOL
+from memopt_pipeline.core.memory.concurrency import InstanceConcurrency, instance_concurrency
+from memopt_pipeline.core.memory.planner import MemoryPlan
 
 
 def instance_rows(instance_assignment: dict) -> dict[str, int]:

@@ -25,7 +25,7 @@ import dagster as dg
 from memopt_pipeline.assets import PREPARE_ASSETS
 from memopt_pipeline.automation.jobs import full_training_job
 from memopt_pipeline.automation.run_config import ChainConfigError, chain_start_request, load_automation_config
-from memopt_pipeline.core.fingerprint import dataset_fingerprint
+from memopt_pipeline.core.data.fingerprint import dataset_fingerprint
 
 DATA_DIR_ENV = "MEMOPT_DATA_DIR"
 INTERVAL_ENV = "MEMOPT_DATASET_SENSOR_INTERVAL_SECONDS"

@@ -18,8 +18,8 @@ import dagster as dg
 from memopt_pipeline.assets import ALL_ASSETS
 from memopt_pipeline.automation.jobs import ALL_JOBS
 from memopt_pipeline.automation.run_config import run_config_for
-from memopt_pipeline.core.failures import text_is_out_of_memory
-from memopt_pipeline.core.ladder import LADDER_TAG, ladder_level, next_level_after_failure
+from memopt_pipeline.core.memory.failures import text_is_out_of_memory
+from memopt_pipeline.core.memory.ladder import LADDER_TAG, ladder_level, next_level_after_failure
 
 RETRY_OF_TAG = "memopt/oom_retry_of"
 # One step per asset, named after it; asset-check steps re-run with their asset.

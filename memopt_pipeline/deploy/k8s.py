@@ -30,8 +30,9 @@ from dagster_k8s import k8s_job_executor
 from memopt_pipeline.assets import INSTANCE_ASSETS
 from memopt_pipeline.assets.partitions import instance_partitions
 from memopt_pipeline.automation.concurrency import instance_rows
-from memopt_pipeline.core.concurrency import container_memory, predicted_instance_peak
-from memopt_pipeline.core.planner import GiB, MemoryPlan
+from memopt_pipeline.core.memory.concurrency import container_memory, predicted_instance_peak
+from memopt_pipeline.core.memory.planner import MemoryPlan
+from memopt_pipeline.core.units import GiB
 from memopt_pipeline.definitions import defs as local_defs
 
 MEMORY_MARGIN_ENV = "MEMOPT_K8S_MEMORY_MARGIN"

@@ -1,6 +1,6 @@
 """MemoryGuard: the Dagster resource every heavy asset runs under.
 
-It resolves the budget, opens a :class:`~memopt_pipeline.core.memory.StageMonitor` around
+It resolves the budget, opens a :class:`~memopt_pipeline.core.StageMonitor` around
 the stage (background RSS sampler + cooperative check points that raise
 MemoryBudgetExceeded), cleans up afterwards (gc, malloc_trim, Arrow pool, GPU caches) and
 turns the measurements into numeric materialization metadata the UI can plot.
@@ -15,17 +15,28 @@ from typing import Iterator
 import dagster as dg
 from pydantic import Field
 
+from memopt_pipeline.core.memory.failures import exception_is_out_of_memory
+from memopt_pipeline.core.memory.gpu import gpu_status
+
 # plots imports matplotlib (~40 MB RSS): imported with the module, not lazily in metadata(),
 # so that it is part of the process baseline memory_plan measures rather than appearing mid-run.
-from memopt_pipeline.core import memory, plots
-from memopt_pipeline.core.failures import exception_is_out_of_memory
-from memopt_pipeline.core.gpu import gpu_status
-
-GiB = 1024**3
+from memopt_pipeline.core.memory.hard_cap import hard_memory_cap
+from memopt_pipeline.core.memory.leaks import LeakTracker
+from memopt_pipeline.core.memory.limits import DEFAULT_BUDGET_FRACTION, resolve_budget_bytes
+from memopt_pipeline.core.memory.measure import process_rss_bytes
+from memopt_pipeline.core.memory.monitor import (
+    DEFAULT_ABORT_FRACTION,
+    DEFAULT_CLEANUP_FRACTION,
+    StageMonitor,
+    Thresholds,
+)
+from memopt_pipeline.core.memory.release import release_memory
+from memopt_pipeline.core.report import plots
+from memopt_pipeline.core.units import GiB
 
 # One per process: stages of every run executed in this process (in-process runs, the CLI,
 # repeated materializations in a code server) are compared with the first.
-_LEAKS: memory.LeakTracker | None = None
+_LEAKS: LeakTracker | None = None
 
 
 class MemoryGuard(dg.ConfigurableResource):
@@ -37,13 +48,13 @@ class MemoryGuard(dg.ConfigurableResource):
         "(or container's) memory.",
     )
     budget_fraction: float = Field(
-        default=0.6, description="Share of available memory used as the budget when budget_gb is empty."
+        default=DEFAULT_BUDGET_FRACTION, description="Share of available memory used as the budget when budget_gb is empty."
     )
     cleanup_fraction: float = Field(
-        default=0.7, description="Above this share of the budget, free caches (gc, malloc_trim, Arrow pool)."
+        default=DEFAULT_CLEANUP_FRACTION, description="Above this share of the budget, free caches (gc, malloc_trim, Arrow pool)."
     )
     abort_fraction: float = Field(
-        default=0.9,
+        default=DEFAULT_ABORT_FRACTION,
         description="Above this share of the budget, the stage stops at its next check point with "
         "MemoryBudgetExceeded (retryable) instead of being killed by the OS.",
     )
@@ -60,18 +71,18 @@ class MemoryGuard(dg.ConfigurableResource):
     )
 
     def budget_bytes(self) -> int:
-        return memory.resolve_budget_bytes(self.budget_gb, self.budget_fraction)
+        return resolve_budget_bytes(self.budget_gb, self.budget_fraction)
 
     @contextlib.contextmanager
-    def stage(self, context: dg.AssetExecutionContext, name: str, advice: str = "") -> Iterator[memory.StageMonitor]:
+    def stage(self, context: dg.AssetExecutionContext, name: str, advice: str = "") -> Iterator[StageMonitor]:
         """Monitor one stage; cleanup runs when it ends, whether it succeeded or failed."""
         budget = self.budget_bytes()
         if context.has_partition_key:
             name = f"{name} [{context.partition_key}]"
-        monitor = memory.StageMonitor(
+        monitor = StageMonitor(
             name,
             budget,
-            memory.Thresholds(cleanup=self.cleanup_fraction, abort=self.abort_fraction),
+            Thresholds(cleanup=self.cleanup_fraction, abort=self.abort_fraction),
             interval_s=self.sample_interval_s,
             on_cleanup=lambda freed: context.log.info(
                 f"{name}: RSS passed {self.cleanup_fraction:.0%} of the budget; cleanup freed "
@@ -79,7 +90,7 @@ class MemoryGuard(dg.ConfigurableResource):
             ),
             advice=advice,
         )
-        rss_now = memory.process_rss_bytes()
+        rss_now = process_rss_bytes()
         context.log.info(f"{name}: budget {budget / GiB:.2f} GiB, RSS now {rss_now / GiB:.2f} GiB")
         if rss_now >= monitor.abort_bytes:
             # Nothing can run: the process (imports, libraries) already uses the budget.
@@ -92,7 +103,7 @@ class MemoryGuard(dg.ConfigurableResource):
         try:
             with contextlib.ExitStack() as stack:
                 if self.hard_cap:
-                    cap = stack.enter_context(memory.hard_memory_cap(budget))
+                    cap = stack.enter_context(hard_memory_cap(budget))
                     if cap is not None:
                         context.log.debug(f"{name}: data segment capped at {cap / GiB:.2f} GiB")
                 stack.enter_context(monitor)
@@ -105,20 +116,20 @@ class MemoryGuard(dg.ConfigurableResource):
             # Anything else would fail the same way again: no retry at a lower memory level.
             raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
         finally:
-            released = memory.release_memory()
+            released = release_memory()
             warning = self._leak_tracker(budget).record(name, released["rss_after"])
             if warning:
                 context.log.warning(warning)
 
-    def _leak_tracker(self, budget: int) -> memory.LeakTracker:
+    def _leak_tracker(self, budget: int) -> LeakTracker:
         global _LEAKS
         if _LEAKS is None:
-            _LEAKS = memory.LeakTracker(int(self.leak_warning_fraction * budget))
+            _LEAKS = LeakTracker(int(self.leak_warning_fraction * budget))
         return _LEAKS
 
     @staticmethod
     def metadata(
-        monitor: memory.StageMonitor,
+        monitor: StageMonitor,
         predicted_peak_bytes: int | None = None,
         timeline_path: str | Path | None = None,
     ) -> dict:

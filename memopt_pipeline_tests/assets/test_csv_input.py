@@ -7,7 +7,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from memopt_pipeline.automation.local_run import materialize_pipeline
-from memopt_pipeline.core.dataset import list_shards
+from memopt_pipeline.core.data.dataset import list_shards
 from memopt_pipeline.definitions import build_resources
 
 

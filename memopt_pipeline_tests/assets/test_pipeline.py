@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from memopt_pipeline.automation.local_run import materialize_pipeline
-from memopt_pipeline.core.plots import PNG_SIGNATURE
-from memopt_pipeline.core.report import SECTIONS
+from memopt_pipeline.core.report.plots import PNG_SIGNATURE
+from memopt_pipeline.core.report.run_report import SECTIONS
 from memopt_pipeline.core.storage import read_json
 from memopt_pipeline.definitions import build_resources
 

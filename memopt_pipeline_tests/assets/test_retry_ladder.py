@@ -70,7 +70,7 @@ def test_other_errors_fail_once_without_retry(prepared, monkeypatch):
 
 def test_last_ladder_level_trains_on_xgboost_external_memory(prepared):
     """The OOM sensor re-runs failed partitions with the ladder tag; level 3 moves bins to disk."""
-    from memopt_pipeline.core.ladder import LADDER_TAG, MAX_LEVEL
+    from memopt_pipeline.core.memory.ladder import LADDER_TAG, MAX_LEVEL
 
     instance, resources = prepared
     partition = instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME)[0]

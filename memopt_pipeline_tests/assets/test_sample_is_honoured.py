@@ -8,7 +8,7 @@ import dagster as dg
 import polars as pl
 
 from memopt_pipeline.automation.local_run import materialize_pipeline
-from memopt_pipeline.core import batches
+from memopt_pipeline.core.data import batch_reader as batches
 from memopt_pipeline.core.storage import read_json
 from memopt_pipeline.definitions import build_resources
 

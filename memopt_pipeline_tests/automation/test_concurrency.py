@@ -9,12 +9,12 @@ the planned peaks of the steps running then must add up to no more than the budg
 import dagster as dg
 import pytest
 
-from memopt_pipeline.assets.policies import MEMORY_POOL
+from memopt_pipeline.assets.memory_heavy import MEMORY_POOL
 from memopt_pipeline.automation.concurrency import concurrency_from_assets, memory_pool_limit
 from memopt_pipeline.automation.local_run import materialize_pipeline
 from memopt_pipeline.automation.partition_runs import materialize_partitions_in_processes
-from memopt_pipeline.core.concurrency import instance_concurrency
-from memopt_pipeline.core.planner import GiB, make_plan
+from memopt_pipeline.core.memory.concurrency import instance_concurrency
+from memopt_pipeline.core.memory.planner import GiB, make_plan
 from memopt_pipeline.definitions import build_resources
 from memopt_pipeline_tests.automation.fake_instance_training import FAKE_PARTITIONS, FAKE_POOL
 

@@ -15,7 +15,7 @@ from memopt_pipeline.automation.dataset_sensor import (
 )
 from memopt_pipeline.automation.jobs import CHAIN_CONFIG_TAG
 from memopt_pipeline.automation.run_config import AUTOMATION_CONFIG_ENV, ChainConfigError
-from memopt_pipeline.core.dataset import DatasetError
+from memopt_pipeline.core.data.dataset import DatasetError
 
 
 @pytest.fixture

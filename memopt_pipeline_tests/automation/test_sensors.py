@@ -9,7 +9,7 @@ from memopt_pipeline.assets import training as training_assets
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
 from memopt_pipeline.automation.jobs import ALL_JOBS
 from memopt_pipeline.automation.sensors import RETRY_OF_TAG, oom_rematerialization_sensor
-from memopt_pipeline.core.ladder import LADDER_TAG
+from memopt_pipeline.core.memory.ladder import LADDER_TAG
 from memopt_pipeline.definitions import build_resources
 
 

@@ -14,8 +14,8 @@ from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, co
 from dagster_postgres import DagsterPostgresStorage
 
 import memopt_pipeline.deploy
-from memopt_pipeline.core.concurrency import CONTAINER_LIMIT_MIN_HEADROOM_BYTES
-from memopt_pipeline.core.planner import GiB, make_plan
+from memopt_pipeline.core.memory.concurrency import CONTAINER_LIMIT_MIN_HEADROOM_BYTES
+from memopt_pipeline.core.memory.planner import GiB, make_plan
 from memopt_pipeline.definitions import build_resources
 from memopt_pipeline.deploy.k8s import build_k8s_definitions, defs
 

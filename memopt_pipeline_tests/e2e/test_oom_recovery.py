@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
-from memopt_pipeline.core.failures import text_is_out_of_memory
+from memopt_pipeline.core.memory.failures import text_is_out_of_memory
 from memopt_pipeline.core.storage import read_json
 
 TRAINING = {"cv_folds": {"config": {"n_folds": 2}}, "instance_model": {"config": {"max_rounds": 150, "early_stopping_rounds": 150, "learning_rate": 0.03, "num_threads": 1}}}

@@ -39,7 +39,7 @@ from memopt_pipeline.assets import ALL_ASSETS
 from memopt_pipeline.automation.dataset_sensor import DATA_DIR_ENV, FINGERPRINT_TAG, INTERVAL_ENV
 from memopt_pipeline.automation.jobs import CHAIN_CONFIG_TAG, CHAIN_ID_TAG, CHAIN_TAG
 from memopt_pipeline.automation.run_config import AUTOMATION_CONFIG_ENV
-from memopt_pipeline.core.failures import text_is_out_of_memory
+from memopt_pipeline.core.memory.failures import text_is_out_of_memory
 from memopt_pipeline.resources.storage import OUTPUT_DIR_ENV
 from memopt_pipeline_tests.e2e import browser_check
 

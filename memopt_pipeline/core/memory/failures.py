@@ -1,0 +1,64 @@
+"""Is this failure an out-of-memory failure? One answer for exceptions, error text and exits.
+
+Out-of-memory shows up in many disguises: Python's MemoryError (pyarrow's ArrowMemoryError
+is one), our own MemoryBudgetExceeded, C++ ``std::bad_alloc`` surfacing in LightGBM/XGBoost
+messages, CUDA allocation failures, Rust's "memory allocation of N bytes failed" abort
+(SIGABRT), numpy's "Unable to allocate", and a step process killed by the kernel's OOM
+killer (signal 9, exit status 137). Everything else is not out-of-memory, so it must not be
+retried at a lower memory level.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from memopt_pipeline.core.memory.errors import MemoryBudgetExceeded
+
+_OOM_TEXT = re.compile(
+    r"MemoryError|MemoryBudgetExceeded|ArrowMemoryError|bad_alloc|CUDA out of memory|"
+    r"cudaErrorMemoryAllocation|out of memory|Unable to allocate|memory allocation of \d+ bytes failed|"
+    r"Cannot allocate memory",
+    re.IGNORECASE,
+)
+# Dagster's multiprocess executor: "child process for step X unexpectedly exited with code -9";
+# shells and container runtimes report a SIGKILL as 137 (128 + 9).
+_KILLED_TEXT = re.compile(r"(exited with code|exit code|exit status|returncode)\s*[:=]?\s*(-9|137)\b|SIGKILL|signal 9\b", re.IGNORECASE)
+_ABORT_TEXT = re.compile(r"(exited with code|exit code|exit status)\s*[:=]?\s*(-6|134)\b|SIGABRT", re.IGNORECASE)
+
+
+def exception_is_out_of_memory(error: BaseException) -> bool:
+    """True for MemoryError (ArrowMemoryError included), MemoryBudgetExceeded, or an error whose
+    message (or cause chain) says an allocation failed."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (MemoryError, MemoryBudgetExceeded)):
+            return True
+        if _OOM_TEXT.search(f"{type(error).__name__}: {error}"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def text_is_out_of_memory(text: str) -> bool:
+    """True when failure text (an error message, a class name, a stack, a log tail) shows an OOM.
+
+    A SIGABRT counts only with Rust's "memory allocation of" message, since aborts have
+    other causes too.
+    """
+    if not text:
+        return False
+    if _OOM_TEXT.search(text) or _KILLED_TEXT.search(text):
+        return True
+    return bool(_ABORT_TEXT.search(text) and "memory allocation of" in text)
+
+
+def exit_is_out_of_memory(returncode: int | None, output: str = "") -> bool:
+    """A child process's exit: killed by SIGKILL (-9 from subprocess, 137 from a shell), or
+    SIGABRT (-6 / 134) with an allocation-failure message in its output."""
+    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        return True
+    if returncode in (-signal.SIGABRT, 128 + signal.SIGABRT):
+        return "memory allocation of" in output or bool(_OOM_TEXT.search(output))
+    return bool(returncode) and text_is_out_of_memory(output)

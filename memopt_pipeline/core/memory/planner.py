@@ -1,0 +1,240 @@
+"""Plan memory before loading anything: how many rows one model can hold inside the budget.
+
+The estimate follows LightGBM's real memory layout (see DESIGN.md, "The memory model"):
+
+    peak = process baseline
+         + binned training data      rows * features * bytes_per_bin
+         + per-row state             rows * classes * 24  (labels, scores, gradients, hessians)
+         + histogram pool            num_leaves * features * max_bin * 16
+         + max(bin-finding sample, one raw batch)
+           bin sample: sample_rows * features * 16   (float32 rows, their float64 transpose)
+           raw batch:  batch_rows * features * 4 * 2  (Arrow -> numpy conversion overlap)
+
+Training holds the training and validation folds of one instance at once, i.e. all the
+instance's rows. The planner solves the inequality ``peak <= budget * safety`` for the
+rows one instance may hold; ``instance_assignment`` later divides the sampled training
+genes into as many instances as that requires.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from memopt_pipeline.core.units import GiB, MiB
+
+PER_ROW_STATE_BYTES_PER_CLASS = 24
+HISTOGRAM_BYTES_PER_BIN = 16
+BIN_SAMPLE_BYTES_PER_CELL = 16
+RAW_BATCH_COPIES = 2
+MIN_BATCH_ROWS = 1_024
+MAX_BATCH_ROWS = 65_536
+MIN_INSTANCE_ROWS = 1_000  # below this a model is not worth training: the plan fails instead
+
+
+class PlanError(ValueError):
+    """No configuration fits the budget; the message says the smallest budget that would."""
+
+
+def bytes_per_binned_cell(max_bin: int) -> float:
+    if max_bin <= 15:
+        return 0.5
+    if max_bin <= 255:
+        return 1.0
+    return 2.0
+
+
+@dataclass
+class TrainingFootprint:
+    baseline: int
+    binned_data: int
+    per_row_state: int
+    histograms: int
+    transient: int  # max(bin sample, raw batch)
+
+    @property
+    def total(self) -> int:
+        return self.baseline + self.binned_data + self.per_row_state + self.histograms + self.transient
+
+
+def training_footprint(
+    *,
+    rows: int,
+    n_features: int,
+    n_classes: int,
+    max_bin: int,
+    num_leaves: int,
+    batch_rows: int,
+    bin_sample_rows: int,
+    baseline_bytes: int,
+) -> TrainingFootprint:
+    """Predicted peak of training one model on ``rows`` rows (all folds of one instance)."""
+    bin_sample = min(rows, bin_sample_rows) * n_features * BIN_SAMPLE_BYTES_PER_CELL
+    raw_batch = min(rows, batch_rows) * n_features * 4 * RAW_BATCH_COPIES
+    return TrainingFootprint(
+        baseline=baseline_bytes,
+        binned_data=math.ceil(rows * n_features * bytes_per_binned_cell(max_bin)),
+        per_row_state=rows * n_classes * PER_ROW_STATE_BYTES_PER_CLASS,
+        histograms=num_leaves * n_features * max_bin * HISTOGRAM_BYTES_PER_BIN,
+        transient=max(bin_sample, raw_batch),
+    )
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int
+    safety: float
+    baseline_bytes: int
+    n_features: int
+    n_classes: int
+    dataset_rows: int
+    max_bin: int
+    num_leaves: int
+    batch_rows: int
+    bin_sample_rows: int
+    max_rows_per_instance: int
+    strategy: str  # "in_memory" (all rows fit one model), "multi_instance", or "external_memory"
+    min_instances_full_data: int
+    predicted_peak_full_data: int  # training on all rows in one model (what naive code would need)
+    predicted_peak_prediction: int  # streaming prediction with one batch
+    disk_needed_bytes: int  # checkpoints: models, predictions, external-memory caches
+
+    def training_peak(self, rows: int) -> int:
+        return training_footprint(
+            rows=rows,
+            n_features=self.n_features,
+            n_classes=self.n_classes,
+            max_bin=self.max_bin,
+            num_leaves=self.num_leaves,
+            batch_rows=self.batch_rows,
+            bin_sample_rows=self.bin_sample_rows,
+            baseline_bytes=self.baseline_bytes,
+        ).total
+
+    def shap_peak(self, chunk_rows: int) -> int:
+        """Baseline + one raw chunk + its contributions (rows x classes x (features+1) doubles, and
+        the per-model copy being averaged in)."""
+        contributions = chunk_rows * self.n_classes * (self.n_features + 1) * 8 * 2
+        return self.baseline_bytes + chunk_rows * self.n_features * 4 * RAW_BATCH_COPIES + contributions
+
+    def instances_needed(self, rows: int, overlap: float = 0.0) -> int:
+        """Instances so that each one's rows (its share plus overlap) fit the plan."""
+        if self.strategy == "external_memory":
+            return 1  # binned rows live on disk: one instance holds everything
+        return max(1, math.ceil(rows * (1.0 + overlap) / self.max_rows_per_instance))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "MemoryPlan":
+        return cls(**payload)
+
+
+def external_memory_peak(
+    *, rows: int, n_features: int, n_classes: int, max_bin: int, num_leaves: int, batch_rows: int, baseline_bytes: int
+) -> int:
+    """Predicted peak of XGBoost external-memory training: baseline, per-row state, histograms,
+    one raw batch in conversion. The binned pages live on disk."""
+    return (
+        baseline_bytes
+        + rows * n_classes * PER_ROW_STATE_BYTES_PER_CLASS
+        + num_leaves * n_features * max_bin * HISTOGRAM_BYTES_PER_BIN
+        + batch_rows * n_features * 4 * RAW_BATCH_COPIES
+    )
+
+
+def default_batch_rows(budget_bytes: int, n_features: int) -> int:
+    """Raw batches take at most ~4% of the budget (two copies live during conversion)."""
+    rows = int(budget_bytes * 0.04 / max(1, n_features * 4 * RAW_BATCH_COPIES))
+    return max(MIN_BATCH_ROWS, min(MAX_BATCH_ROWS, rows))
+
+
+def make_plan(
+    *,
+    dataset_rows: int,
+    n_features: int,
+    n_classes: int,
+    budget_bytes: int,
+    baseline_bytes: int,
+    num_leaves: int = 31,
+    max_bin: int = 255,
+    batch_rows: int | None = None,
+    bin_sample_rows: int = 50_000,
+    safety: float = 0.85,
+) -> MemoryPlan:
+    """Choose batch rows and the largest instance that keeps training under budget * safety."""
+    if budget_bytes <= 0:
+        raise PlanError(f"memory budget must be positive, got {budget_bytes} bytes")
+    batch_rows = batch_rows or default_batch_rows(budget_bytes, n_features)
+    usable = budget_bytes * safety
+    fixed = training_footprint(
+        rows=0, n_features=n_features, n_classes=n_classes, max_bin=max_bin, num_leaves=num_leaves,
+        batch_rows=batch_rows, bin_sample_rows=bin_sample_rows, baseline_bytes=baseline_bytes,
+    )
+    # The transient term grows with rows until it saturates; use its saturated value so the
+    # solved row count is safe for any instance size.
+    transient = max(bin_sample_rows * n_features * BIN_SAMPLE_BYTES_PER_CELL, batch_rows * n_features * 4 * RAW_BATCH_COPIES)
+    per_row = n_features * bytes_per_binned_cell(max_bin) + n_classes * PER_ROW_STATE_BYTES_PER_CLASS
+    room = usable - fixed.baseline - fixed.histograms - transient
+    max_rows = int(room // per_row) if room > 0 else 0
+    external = False
+    if max_rows < MIN_INSTANCE_ROWS:
+        # No in-memory instance fits. XGBoost external memory keeps the binned rows on disk:
+        # RAM holds per-row gradients/predictions, the histograms and one raw batch (no bin
+        # sample: it sketches batch by batch).
+        external_peak = external_memory_peak(
+            rows=dataset_rows, n_features=n_features, n_classes=n_classes, max_bin=max_bin,
+            num_leaves=num_leaves, batch_rows=batch_rows, baseline_bytes=baseline_bytes,
+        )
+        external = external_peak <= usable
+    if max_rows < MIN_INSTANCE_ROWS and not external:
+        needed = (fixed.baseline + fixed.histograms + transient + MIN_INSTANCE_ROWS * per_row) / safety
+        raise PlanError(
+            f"a {budget_bytes / GiB:.2f} GiB budget cannot train even {MIN_INSTANCE_ROWS:,} rows x "
+            f"{n_features} features: the process baseline alone is {baseline_bytes / GiB:.2f} GiB and "
+            f"histograms + one batch need {(fixed.histograms + transient) / GiB:.2f} GiB. The smallest "
+            f"budget that works is {needed / GiB:.2f} GiB; raise the budget or lower num_leaves / max_bin / batch_rows"
+        )
+    full = training_footprint(
+        rows=dataset_rows, n_features=n_features, n_classes=n_classes, max_bin=max_bin, num_leaves=num_leaves,
+        batch_rows=batch_rows, bin_sample_rows=bin_sample_rows, baseline_bytes=baseline_bytes,
+    )
+    prediction_peak = baseline_bytes + batch_rows * n_features * 4 * RAW_BATCH_COPIES + batch_rows * n_classes * 8 * 4
+    # Predictions Parquet (ids + class probabilities, uncompressed upper bound), one binned
+    # copy for an external-memory cache, and a fixed margin for models and small files.
+    disk_needed = dataset_rows * (n_classes * 4 + 32) + math.ceil(dataset_rows * n_features * bytes_per_binned_cell(max_bin)) + 256 * MiB
+    return MemoryPlan(
+        budget_bytes=budget_bytes,
+        safety=safety,
+        baseline_bytes=baseline_bytes,
+        n_features=n_features,
+        n_classes=n_classes,
+        dataset_rows=dataset_rows,
+        max_bin=max_bin,
+        num_leaves=num_leaves,
+        batch_rows=batch_rows,
+        bin_sample_rows=bin_sample_rows,
+        max_rows_per_instance=max(dataset_rows, 1) if external else max_rows,
+        strategy="external_memory" if external else ("in_memory" if dataset_rows <= max_rows else "multi_instance"),
+        # External memory trains all rows in one instance: its RAM does not grow with binned data.
+        min_instances_full_data=1 if external else max(1, math.ceil(dataset_rows / max_rows)),
+        predicted_peak_full_data=full.total,
+        predicted_peak_prediction=prediction_peak,
+        disk_needed_bytes=disk_needed,
+    )
+
+
+def check_free_disk(folder: str | Path, needed_bytes: int) -> int:
+    """Fail before any work when ``folder``'s file system has less than ``needed_bytes`` free."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise PlanError(
+            f"{folder} has {free / GiB:.2f} GiB free but checkpoints and caches need about "
+            f"{needed_bytes / GiB:.2f} GiB; free space there or choose another output folder"
+        )
+    return free

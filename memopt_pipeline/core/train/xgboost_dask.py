@@ -1,0 +1,314 @@
+"""Training one instance model with XGBoost on a Dask cluster: one instance bigger than a machine.
+
+The distributed counterpart of :mod:`memopt_pipeline.core.train.xgboost_backend` (same two phases,
+same :class:`BoostingParams`, :class:`FoldResult` and :class:`InstanceTraining`, same XGBoost
+parameters, a plain ``xgboost.Booster`` at the end, saved as ``.ubj`` like any XGBoost
+model). What differs is where rows go: a lazy Dask DataFrame whose partitions are groups of
+the instance's genes. Each partition is read *on a worker* by the project's one batch reader
+(:class:`BatchReader`: projection, row-group skipping on the gene column, float32, the same
+schema-drift and label handling as everywhere else), so the step process never holds rows
+and the workers together hold the instance. XGBoost's ``DaskQuantileDMatrix`` bins each
+worker's partitions where they are; validation matrices use ``ref=<training matrix>`` to share
+its bin edges. Workers must see the shard paths (shared storage) and have memopt_pipeline
+installed.
+
+Two phases, as in the local backend:
+1. per validation fold, ``xgboost.dask.train`` on the other folds' genes with early stopping
+   on this fold's genes; the best iteration is kept as a number of trees (XGBoost's
+   ``best_iteration`` is a 0-based index, so the count is ``best_iteration + 1``), and the
+   held-out genes are predicted with that many trees (out-of-fold predictions, for
+   calibration and the per-fold scores);
+2. refit on all the instance's genes for the mean count, without early stopping.
+Objectives as in :func:`xgboost_model.xgboost_params` (one-vs-rest: one-hot label columns).
+
+The step's MemoryGuard callbacks are not passed on: XGBoost runs callbacks on the workers,
+whose memory Dask's own worker limits manage. With no scheduler address, :func:`dask_client`
+starts a LocalCluster with one in-process worker, so that the step's MemoryGuard does cover
+its memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator
+
+import numpy as np
+import pandas as pd
+
+from memopt_pipeline.core.data.batch_reader import BatchReader
+from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.train.calibration import normalise_rows
+from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, PhaseOne
+from memopt_pipeline.core.train.xgboost_model import best_rounds, one_hot_classes, xgboost_params
+
+# The label travels as one more column of each partition; a name no feature will have.
+LABEL_COLUMN = "__memopt_label__"
+LOOPBACK = "127.0.0.1"
+# Workers of an in-process LocalCluster talk in memory, but the scheduler and workers still
+# serve HTTP (health, dashboard): keep those on loopback, on free ports.
+LOCAL_CLUSTER_HTTP = {"dashboard_address": f"{LOOPBACK}:0", "worker_dashboard_address": f"{LOOPBACK}:0"}
+
+
+# --- cluster ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DaskSession:
+    client: "distributed.Client"  # noqa: F821 (imported lazily: distributed is heavy)
+    tracker_host: str | None  # where XGBoost's collective tracker listens (None: the scheduler's host)
+    description: str
+
+
+@contextlib.contextmanager
+def dask_client(
+    scheduler_address: str,
+    *,
+    threads: int = 0,
+    log: Callable[[str], None] = lambda message: None,
+    timeout: str = "30s",
+) -> Iterator[DaskSession]:
+    """A client of the cluster at ``scheduler_address``; empty: a LocalCluster for the block.
+
+    The LocalCluster has one worker *in this process* (``processes=False``) with ``threads``
+    threads (0 = all cores) and no Dask memory limit: its memory is this process's, which the
+    step's MemoryGuard measures and caps. Everything listens on the loopback interface.
+    ``timeout`` bounds the wait for a remote scheduler.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as error:
+        raise ImportError(
+            f"the xgboost_dask backend needs Dask ({error}); install it with pip install 'memopt_pipeline[dask]'"
+        ) from error
+
+    if scheduler_address:
+        try:
+            client = Client(scheduler_address, timeout=timeout)
+        except OSError as error:
+            raise ConnectionError(
+                f"cannot reach the Dask scheduler at {scheduler_address!r} ({error}); check dask_scheduler_address, "
+                "or leave it empty to train on a LocalCluster inside the step"
+            ) from error
+        with client:
+            workers = client.scheduler_info().get("workers", {})
+            description = f"Dask scheduler {scheduler_address} with {len(workers)} worker(s)"
+            log(f"XGBoost on Dask: {description}")
+            yield DaskSession(client=client, tracker_host=None, description=description)
+        return
+    threads = threads or os.cpu_count() or 1
+    description = f"LocalCluster started for this step (one in-process worker, {threads} thread(s))"
+    log(
+        f"dask_scheduler_address is empty: starting a LocalCluster for this step (one in-process worker, {threads} "
+        "thread(s)); its memory counts against this step's budget. Set dask_scheduler_address to train on a cluster"
+    )
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=threads, processes=False, memory_limit=0, **LOCAL_CLUSTER_HTTP
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield DaskSession(client=client, tracker_host=LOOPBACK, description=description)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def gene_groups(genes: Collection[str], rows_of_gene: dict[str, int], partition_rows: int) -> list[list[str]]:
+    """Sorted genes in consecutive groups of at most ``partition_rows`` rows (a bigger gene alone).
+
+    Consecutive genes of gene-sorted shards share row groups, so each group's reader decodes
+    few row groups beyond its own rows.
+    """
+    if partition_rows <= 0:
+        raise ValueError(f"partition_rows must be positive, got {partition_rows}")
+    groups: list[list[str]] = []
+    current: list[str] = []
+    current_rows = 0
+    for gene in sorted(str(g) for g in genes):
+        rows = rows_of_gene.get(gene, 0)
+        if current and current_rows + rows > partition_rows:
+            groups.append(current)
+            current, current_rows = [], 0
+        current.append(gene)
+        current_rows += rows
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _empty_frame(features: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({name: pd.Series(dtype=np.float32) for name in features})
+    frame[LABEL_COLUMN] = pd.Series(dtype=np.int32)
+    return frame
+
+
+def read_gene_group(genes: list[str], metadata: DatasetMetadata, features: list[str], batch_rows: int) -> pd.DataFrame:
+    """One partition: the rows of ``genes`` as float32 feature columns plus the class index.
+
+    Runs on a Dask worker. The rows come from :class:`BatchReader`, batch by batch, and are
+    joined once at the end.
+    """
+    reader = BatchReader(metadata, features=features)
+    features_parts, label_parts = [], []
+    for batch in reader.iter_batches(genes, batch_rows):
+        features_parts.append(batch.features)
+        label_parts.append(batch.labels)
+    if not features_parts:
+        return _empty_frame(features)
+    matrix = features_parts[0] if len(features_parts) == 1 else np.concatenate(features_parts)
+    del features_parts
+    frame = pd.DataFrame(matrix, columns=features, copy=False)
+    frame[LABEL_COLUMN] = np.concatenate(label_parts).astype(np.int32)
+    return frame
+
+
+def instance_frame(reader: BatchReader, genes: Collection[str], *, partition_rows: int, batch_rows: int):
+    """A lazy Dask DataFrame of ``genes``' rows: one partition per gene group, read on the workers."""
+    import dask.dataframe as dd
+
+    features = list(reader.features)
+    if LABEL_COLUMN in features:
+        raise ValueError(f"a feature is named {LABEL_COLUMN!r}, which the Dask backend uses for labels; rename it")
+    stats = reader.metadata.read_gene_stats()
+    rows_of_gene = dict(zip(stats["gene"].cast(str).to_list(), stats["rows"].to_list()))
+    groups = gene_groups(genes, rows_of_gene, partition_rows)
+    if not groups:
+        raise ValueError("no genes to read: a fold or an instance is empty; re-materialize cv_folds")
+    return dd.from_map(
+        read_gene_group,
+        groups,
+        metadata=reader.metadata,
+        features=features,
+        batch_rows=batch_rows,
+        meta=_empty_frame(features),
+        enforce_metadata=False,
+        label="read-gene-group",
+    )
+
+
+def _one_hot_labels(labels: pd.Series, n_classes: int) -> pd.DataFrame:
+    """Class indices -> a (rows, classes) 0/1 frame: the one-vs-rest objective's labels."""
+    return pd.DataFrame(
+        np.eye(n_classes, dtype=np.float32)[labels.to_numpy()], columns=_one_hot_columns(n_classes), index=labels.index
+    )
+
+
+def _one_hot_columns(n_classes: int) -> list[str]:
+    return [f"{LABEL_COLUMN}{index}" for index in range(n_classes)]
+
+
+def _matrix(session: DaskSession, frame, features: list[str], *, max_bin: int, one_hot_classes: int | None, ref=None):
+    """A DaskQuantileDMatrix binned on the workers holding ``frame``'s partitions."""
+    from xgboost import dask as dxgb
+
+    labels = frame[LABEL_COLUMN]
+    if one_hot_classes:
+        meta = pd.DataFrame({name: pd.Series(dtype=np.float32) for name in _one_hot_columns(one_hot_classes)})
+        labels = labels.map_partitions(_one_hot_labels, one_hot_classes, meta=meta)
+    return dxgb.DaskQuantileDMatrix(session.client, frame[features], labels, max_bin=max_bin, ref=ref, feature_names=features)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _fit_fold(
+    session: DaskSession,
+    reader: BatchReader,
+    train_genes: list[str],
+    valid_genes: list[str],
+    *,
+    xgb_params: dict,
+    params: BoostingParams,
+    coll_cfg,
+    frame_args: dict,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Early-stopped training of one fold: (best rounds, held-out labels, held-out row-normalised
+    probabilities of the best rounds). A function of its own so that the workers' matrices and
+    partitions are released when it returns."""
+    import dask
+    from xgboost import dask as dxgb
+
+    features = list(reader.features)
+    one_hot = one_hot_classes(params, reader.metadata.n_classes)
+    train_frame = instance_frame(reader, train_genes, **frame_args)
+    valid_frame = instance_frame(reader, valid_genes, **frame_args)
+    train = _matrix(session, train_frame, features, max_bin=params.max_bin, one_hot_classes=one_hot)
+    valid = _matrix(session, valid_frame, features, max_bin=params.max_bin, one_hot_classes=one_hot, ref=train)
+    output = dxgb.train(
+        session.client,
+        xgb_params,
+        train,
+        num_boost_round=params.max_rounds,
+        evals=[(valid, "valid")],
+        early_stopping_rounds=params.early_stopping_rounds,
+        verbose_eval=False,
+        coll_cfg=coll_cfg,
+    )
+    booster = output["booster"]
+    best = best_rounds(booster)
+    del train, valid
+    # Out-of-fold predictions of the best rounds, computed where the held-out rows are; the
+    # probabilities and labels come from one graph, so each partition is read once.
+    proba = dxgb.inplace_predict(session.client, booster, valid_frame[features], iteration_range=(0, best))
+    proba, labels = dask.compute(proba, valid_frame[LABEL_COLUMN])
+    return best, labels.to_numpy().astype(np.int32), normalise_rows(np.asarray(proba)).astype(np.float32)
+
+
+def train_instance_xgboost_dask(
+    reader: BatchReader,
+    fold_of_gene: dict[str, int],
+    *,
+    params: BoostingParams,
+    session: DaskSession,
+    partition_rows: int,
+    batch_rows: int,
+    log: Callable[[str], None] = lambda message: None,
+    device: str = "cpu",
+    validation_folds: Collection[int] | None = None,
+) -> InstanceTraining:
+    """Phase 1 (early stopping per gene-aware fold) then phase 2 (refit on all genes), on Dask.
+
+    ``reader`` supplies the dataset metadata, the feature columns and row counts (from the
+    gene statistics); the rows themselves are read by the workers. ``partition_rows`` bounds
+    the rows of one partition (a worker holds it raw until binned); ``batch_rows`` those of
+    one batch inside it. ``validation_folds``: as in :func:`boosters.train_instance` (None =
+    k-fold). The out-of-fold probabilities (rows x classes) are gathered in this process for
+    calibration, like the other backends'. The returned booster is an ``xgboost.Booster``.
+    """
+    from xgboost import dask as dxgb
+    from xgboost.collective import Config as CollConfig
+
+    xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device)
+    coll_cfg = CollConfig(tracker_host_ip=session.tracker_host) if session.tracker_host else None
+    frame_args = {"partition_rows": partition_rows, "batch_rows": batch_rows}
+    phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)
+    for fold in phase.folds:
+        started = time.monotonic()
+        train_genes, valid_genes = phase.split(fold)
+        train_rows, valid_rows = reader.count_rows(train_genes), reader.count_rows(valid_genes)
+        log(
+            f"phase 1, fold {fold + 1}/{len(phase.folds)}: {session.description} bins {len(train_genes)} training genes "
+            f"({train_rows:,} rows); early stopping on {valid_rows:,} rows"
+        )
+        best, labels, proba = _fit_fold(
+            session, reader, train_genes, valid_genes, xgb_params=xgb_params, params=params, coll_cfg=coll_cfg,
+            frame_args=frame_args,
+        )  # fmt: skip
+        phase.record(
+            fold, train_genes, valid_genes, train_rows=train_rows, valid_rows=valid_rows, best_iteration=best,
+            labels=labels, proba=proba, started=started,
+        )  # fmt: skip
+
+    num_rounds = phase.refit_rounds()
+    train_rows = reader.count_rows(phase.all_genes)
+    log(f"phase 2: refit on all {len(phase.all_genes)} genes ({train_rows:,} rows) for {num_rounds} rounds")
+    one_hot = one_hot_classes(params, reader.metadata.n_classes)
+    full = _matrix(
+        session, instance_frame(reader, phase.all_genes, **frame_args), list(reader.features), max_bin=params.max_bin,
+        one_hot_classes=one_hot,
+    )  # fmt: skip
+    output = dxgb.train(session.client, xgb_params, full, num_boost_round=num_rounds, verbose_eval=False, coll_cfg=coll_cfg)
+    return phase.training(output["booster"], num_rounds=num_rounds, train_rows=train_rows)

@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from memopt_pipeline.core.memory.errors import MemoryBudgetExceeded
+from memopt_pipeline.core.memory.failures import (
+    exception_is_out_of_memory,
+    exit_is_out_of_memory,
+    text_is_out_of_memory,
+)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        pa.ArrowMemoryError("malloc of size 1024 failed"),
+        MemoryBudgetExceeded("instance_model", 10, 8, 9),
+        RuntimeError("std::bad_alloc"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ValueError("Unable to allocate 997. MiB for an array with shape (870000, 300)"),
+    ],
+)
+def test_out_of_memory_exceptions(error):
+    assert exception_is_out_of_memory(error)
+
+
+def test_wrapped_memory_error_is_found_through_the_cause_chain():
+    try:
+        try:
+            raise MemoryError()
+        except MemoryError as inner:
+            raise RuntimeError("step failed") from inner
+    except RuntimeError as outer:
+        assert exception_is_out_of_memory(outer)
+
+
+@pytest.mark.parametrize("error", [ValueError("bad column"), KeyError("gene_id"), RuntimeError("LightGBM: label out of range")])
+def test_other_exceptions_are_not_out_of_memory(error):
+    assert not exception_is_out_of_memory(error)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Multiprocess executor: child process for step instance_model unexpectedly exited with code -9", True),
+        ("process finished with exit code 137", True),
+        ("child process unexpectedly exited with code -6\nmemory allocation of 8589934592 bytes failed", True),
+        ("child process unexpectedly exited with code -6\nassertion failed", False),
+        ("DatasetError: column 'x' holds infinite values", False),
+        ("exit code 1", False),
+        ("", False),
+    ],
+)
+def test_failure_text(text, expected):
+    assert text_is_out_of_memory(text) is expected
+
+
+def test_real_sigkilled_child_is_out_of_memory():
+    child = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert child.returncode == -9
+    assert exit_is_out_of_memory(child.returncode)
+    assert not exit_is_out_of_memory(1, "ValueError: nope")
+    assert exit_is_out_of_memory(134, "memory allocation of 1024 bytes failed")
+    assert not exit_is_out_of_memory(0)

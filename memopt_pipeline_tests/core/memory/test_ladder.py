@@ -1,0 +1,43 @@
+from memopt_pipeline.core.memory.ladder import (
+    LADDER_TAG,
+    MAX_LEVEL,
+    ladder_level,
+    next_level_after_failure,
+    settings_for,
+)
+
+
+def test_each_level_lowers_memory_settings_monotonically():
+    settings = [settings_for(level, batch_rows=32_768, max_bin=255, bin_sample_rows=50_000) for level in range(MAX_LEVEL + 1)]
+    assert settings[0].batch_rows == 32_768 and settings[0].max_bin == 255 and not settings[0].external_memory
+    for lower, higher in zip(settings, settings[1:]):
+        if not higher.external_memory:  # external memory wants big pages (see core/ladder.py)
+            assert higher.batch_rows <= lower.batch_rows
+        assert higher.max_bin <= lower.max_bin
+        assert higher.bin_sample_rows <= lower.bin_sample_rows
+        assert higher != lower
+    assert settings[2].max_bin == 63 and settings[2].histogram_pool_mb == 64.0
+    assert settings[-1].external_memory
+
+
+def test_levels_past_the_end_stay_at_the_last_step_and_small_batches_have_a_floor():
+    assert settings_for(99, batch_rows=1_000, max_bin=15, bin_sample_rows=2_000).level == MAX_LEVEL
+    assert settings_for(2, batch_rows=1_000, max_bin=15, bin_sample_rows=2_000).batch_rows == 256
+    assert settings_for(3, batch_rows=1_000, max_bin=15, bin_sample_rows=2_000).max_bin == 15
+
+
+def test_level_from_retry_number_and_sensor_tag():
+    assert ladder_level(0, {}) == 0
+    assert ladder_level(2, {}) == 2
+    assert ladder_level(0, {LADDER_TAG: "1"}) == 1
+    assert ladder_level(1, {LADDER_TAG: "3"}) == 3
+    assert ladder_level(7, {}) == MAX_LEVEL
+    assert ladder_level(0, {LADDER_TAG: "junk"}) == 0
+
+
+def test_next_level_after_an_oom_failure_continues_where_the_attempts_stopped():
+    assert next_level_after_failure(0, 1) == 1  # one attempt at level 0 (e.g. a killed step)
+    assert next_level_after_failure(1, 1) == 2
+    assert next_level_after_failure(0, 2) == 2  # levels 0 and 1 tried in the run
+    assert next_level_after_failure(0, MAX_LEVEL + 1) is None  # every level tried
+    assert next_level_after_failure(MAX_LEVEL, 1) is None

@@ -1,0 +1,74 @@
+import pytest
+
+from memopt_pipeline.core.memory.planner import GiB, MiB, PlanError, check_free_disk, make_plan, training_footprint
+
+SHAPE = dict(n_features=300, n_classes=3, baseline_bytes=300 * MiB)
+
+
+def test_plan_keeps_predicted_training_peak_under_budget_times_safety():
+    plan = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, **SHAPE)
+    assert plan.training_peak(plan.max_rows_per_instance) <= plan.budget_bytes * plan.safety
+    assert plan.training_peak(plan.max_rows_per_instance + 100_000) > plan.budget_bytes * plan.safety
+
+
+def test_data_bigger_than_budget_needs_several_instances():
+    plan = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, **SHAPE)
+    assert plan.strategy == "multi_instance"
+    assert plan.min_instances_full_data >= 2
+    assert plan.predicted_peak_full_data > plan.budget_bytes
+    # 10% overlap means more rows in total, so never fewer instances.
+    assert plan.instances_needed(2_000_000, overlap=0.1) >= plan.instances_needed(2_000_000)
+
+
+def test_small_data_fits_one_instance():
+    plan = make_plan(dataset_rows=50_000, budget_bytes=4 * GiB, **SHAPE)
+    assert plan.strategy == "in_memory"
+    assert plan.instances_needed(50_000) == 1
+
+
+def test_more_budget_allows_more_rows_and_fewer_bins_allow_more_rows():
+    small = make_plan(dataset_rows=1, budget_bytes=1 * GiB, **SHAPE)
+    large = make_plan(dataset_rows=1, budget_bytes=2 * GiB, **SHAPE)
+    nibble = make_plan(dataset_rows=1, budget_bytes=1 * GiB, max_bin=15, **SHAPE)
+    assert large.max_rows_per_instance > small.max_rows_per_instance
+    assert nibble.max_rows_per_instance > small.max_rows_per_instance
+
+
+def test_budget_too_small_names_the_smallest_budget_that_works():
+    with pytest.raises(PlanError, match=r"smallest budget that works is (\d+\.\d+) GiB") as error:
+        make_plan(dataset_rows=1_000_000, budget_bytes=200 * MiB, **SHAPE)
+    needed_gib = float(error.value.args[0].split("smallest budget that works is ")[1].split(" GiB")[0])
+    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int((needed_gib + 0.01) * GiB), **SHAPE)
+    assert plan.max_rows_per_instance >= 1_000
+
+
+def test_footprint_matches_the_design_memory_model():
+    footprint = training_footprint(
+        rows=1_000_000, n_features=300, n_classes=3, max_bin=255, num_leaves=63,
+        batch_rows=10_000, bin_sample_rows=50_000, baseline_bytes=0,
+    )
+    assert footprint.binned_data == 300_000_000  # one byte per cell at max_bin <= 255
+    assert footprint.per_row_state == 1_000_000 * 3 * 24
+    assert footprint.histograms == 63 * 300 * 255 * 16
+    assert footprint.transient == 50_000 * 300 * 16  # the bin sample dominates one batch here
+
+
+def test_free_disk_check_fails_early_with_the_numbers(tmp_path):
+    assert check_free_disk(tmp_path, 1) > 1
+    with pytest.raises(PlanError, match=r"GiB free but checkpoints and caches need about .* choose another output folder"):
+        check_free_disk(tmp_path, 10**18)
+
+
+def test_plan_estimates_disk_and_shap_memory():
+    plan = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, **SHAPE)
+    assert plan.disk_needed_bytes > 2_000_000 * 300  # at least one binned copy for caches
+    assert plan.shap_peak(10_000) > plan.shap_peak(1_000) > plan.baseline_bytes
+
+
+def test_when_no_in_memory_instance_fits_the_plan_chooses_external_memory():
+    # 0.62 GiB: baseline + bin sample + histograms leave room for < 1,000 binned rows, but
+    # external memory needs only per-row state + histograms + one batch.
+    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int(0.62 * GiB), **SHAPE)
+    assert plan.strategy == "external_memory"
+    assert plan.instances_needed(1_000_000, overlap=0.1) == 1
+    assert plan.max_rows_per_instance == 1_000_000

@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+
+from memopt_pipeline.core.data.batch_reader import BatchReader
+from memopt_pipeline.core.data.folds import gene_folds
+from memopt_pipeline.core.evaluate.metrics import multiclass_metrics
+from memopt_pipeline.core.train.instance import BoostingParams
+from memopt_pipeline.core.train.lightgbm_backend import StreamingRows, train_instance
+
+
+def test_streaming_rows_serves_lightgbm_access_patterns():
+    data = np.arange(1000 * 3, dtype=np.float32).reshape(1000, 3)
+    sizes = [7, 300, 1, 250, 442]
+    opened = []
+
+    def open_batches():
+        opened.append(1)
+        start = 0
+        for size in sizes:
+            yield data[start : start + size]
+            start += size
+
+    rows = StreamingRows(open_batches, n_rows=1000, batch_size=128)
+    # Bin sample: increasing single rows. Then the push pass: contiguous slices from 0.
+    for index in (0, 5, 6, 7, 306, 307, 999):
+        np.testing.assert_array_equal(rows[index], data[index])
+    for start in range(0, 1000, 128):
+        np.testing.assert_array_equal(rows[start : start + 128], data[start : start + 128])
+    assert len(opened) == 2  # one pass each, one batch held at a time
+    assert rows[-1][0] == data[-1][0]
+
+
+def test_train_instance_two_phases_beats_the_prior(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    train_genes, holdout_genes = stats["gene"].to_list()[:28], stats["gene"].to_list()[28:]
+    folds = gene_folds(stats.filter(stats["gene"].is_in(train_genes)), n_folds=2, seed=0)
+    reader = BatchReader(tiny_metadata)
+    checks = []
+    training = train_instance(
+        reader, folds, params=BoostingParams(max_rounds=60, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5),
+        batch_rows=500, bin_sample_rows=2_000, callbacks=[lambda env: checks.append(env.iteration)],
+    )
+    assert len(training.folds) == 2
+    assert all(1 <= f.best_iteration <= 60 for f in training.folds)
+    assert training.num_rounds == max(1, round(np.mean([f.best_iteration for f in training.folds])))
+    assert training.booster.current_iteration() == training.num_rounds
+    assert training.train_rows == reader.count_rows(train_genes)
+    assert checks  # memory check points run inside boosting
+    for fold in training.folds:  # train + valid of each fold = the whole instance, no gene twice
+        assert fold.train_rows + fold.valid_rows == training.train_rows
+
+    batches = list(reader.iter_batches(holdout_genes, batch_rows=10_000))
+    features = np.concatenate([b.features for b in batches])
+    labels = np.concatenate([b.labels for b in batches])
+    metrics = multiclass_metrics(labels, training.booster.predict(features), tiny_metadata.classes)
+    assert metrics["logloss"] < metrics["baseline_logloss"]
+    assert metrics["per_class"]["donor"]["pr_auc"] > 2 * metrics["per_class"]["donor"]["prevalence"]
+
+
+def test_quantized_gradients_with_bagging_is_refused_before_training():
+    import pytest
+
+    from memopt_pipeline.core.train.lightgbm_backend import lightgbm_params
+
+    with pytest.raises(ValueError, match="quantized_gradients cannot be combined with bagging"):
+        BoostingParams(quantized_gradients=True, bagging_fraction=0.8)
+    params = lightgbm_params(BoostingParams(quantized_gradients=True), n_classes=3, bin_sample_rows=1000)
+    assert params["use_quantized_grad"] is True and "bagging_fraction" not in params
+
+
+def test_quantized_gradients_train(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    folds = gene_folds(stats, n_folds=2, seed=0)
+    training = train_instance(
+        BatchReader(tiny_metadata), folds,
+        params=BoostingParams(max_rounds=10, num_threads=1, min_data_in_leaf=5, quantized_gradients=True),
+        batch_rows=500, bin_sample_rows=2_000,
+    )
+    assert training.num_rounds >= 1
+
+
+def _holdout_matrix(reader, genes):
+    batches = list(reader.iter_batches(genes, batch_rows=10_000))
+    return np.concatenate([b.features for b in batches]), np.concatenate([b.labels for b in batches])
+
+
+def test_fold_metrics_and_out_of_fold_predictions_cover_every_instance_row(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    train_genes = stats["gene"].to_list()[:28]
+    folds = gene_folds(stats.filter(stats["gene"].is_in(train_genes)), n_folds=2, seed=0)
+    reader = BatchReader(tiny_metadata)
+    training = train_instance(
+        reader, folds, params=BoostingParams(max_rounds=30, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5),
+        batch_rows=500, bin_sample_rows=2_000,
+    )
+    # Every training row is predicted once, by the model that did not see its gene.
+    assert len(training.oof_labels) == training.train_rows == len(training.oof_proba)
+    np.testing.assert_allclose(training.oof_proba.sum(axis=1), 1.0, rtol=1e-5)
+    summary = training.fold_summary()
+    assert set(summary["cv_pr_auc"]) == {"neither", "donor", "acceptor"}
+    for fold in training.folds:
+        assert fold.pr_auc["donor"] > 0.2 and fold.valid_logloss > 0
+    donor = [f.pr_auc["donor"] for f in training.folds]
+    assert summary["cv_pr_auc"]["donor"]["mean"] == pytest.approx(np.mean(donor))
+    assert summary["cv_pr_auc"]["donor"]["std"] == pytest.approx(np.std(donor))
+
+
+def test_one_vs_rest_trains_one_binary_model_per_class_and_beats_the_prior(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    genes = stats["gene"].to_list()
+    folds = gene_folds(stats.filter(stats["gene"].is_in(genes[:28])), n_folds=2, seed=0)
+    reader = BatchReader(tiny_metadata)
+    training = train_instance(
+        reader, folds,
+        params=BoostingParams(max_rounds=40, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5, objective="ovr"),
+        batch_rows=500, bin_sample_rows=2_000,
+    )  # fmt: skip
+    assert "multiclassova" in training.booster.model_to_string()[:2_000]
+    features, labels = _holdout_matrix(reader, genes[28:])
+    raw = training.booster.predict(features)
+    assert not np.allclose(raw.sum(axis=1), 1.0)  # independent sigmoids, not a softmax
+    metrics = multiclass_metrics(labels, raw, tiny_metadata.classes)  # renormalises rows
+    assert metrics["logloss"] < metrics["baseline_logloss"]
+
+
+def test_fast_mode_trains_one_validation_fold(tiny_metadata):
+    from memopt_pipeline.core.data.folds import fast_validation_split
+
+    stats = tiny_metadata.read_gene_stats()
+    split = fast_validation_split(stats, validation_share=0.25)  # 36 genes: 4 groups, one held out
+    reader = BatchReader(tiny_metadata)
+    training = train_instance(
+        reader, split, params=BoostingParams(max_rounds=20, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5),
+        batch_rows=500, bin_sample_rows=2_000, validation_folds=[1],
+    )
+    assert [f.fold for f in training.folds] == [1]
+    assert training.folds[0].valid_genes == sum(1 for f in split.values() if f == 1)
+    assert len(training.oof_labels) == training.folds[0].valid_rows
+    with pytest.raises(ValueError, match="subset of the folds"):
+        train_instance(reader, split, params=BoostingParams(), batch_rows=500, bin_sample_rows=2_000, validation_folds=[7])
