@@ -7,7 +7,7 @@ from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.memory.ladder import MAX_LEVEL, ladder_level
 from memopt_pipeline.core.memory.monitor import StageMonitor
 
-# Each retry runs one ladder level lower (core/ladder.py). MemoryGuard turns every failure
+# Each retry runs one ladder level lower (core/memory/ladder.py). MemoryGuard turns every failure
 # that is not out-of-memory into a non-retryable Failure, so only OOMs are retried.
 MEMORY_RETRY_POLICY = dg.RetryPolicy(max_retries=MAX_LEVEL, delay=1.0)
 

@@ -7,7 +7,7 @@ multiprocess executor's ``max_concurrent`` / ``tag_concurrency_limits``, which c
 instance-level pool limit: ``instance_model`` declares the pool ``memory_heavy`` and, with
 ``concurrency.pools.granularity: op`` (dagster.yaml), every executor claims a slot of that
 pool before it starts the step and waits while none is free. Setting the pool's limit to
-``floor(budget / largest predicted instance peak)`` (core/concurrency.py) therefore bounds the
+``floor(budget / largest predicted instance peak)`` (core/memory/concurrency.py) therefore bounds the
 sum of the planned peaks of the trainings running at once by the budget, whichever process
 launched them.
 

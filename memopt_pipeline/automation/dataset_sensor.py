@@ -2,7 +2,7 @@
 
 The sensor watches the folder (or file) named by ``$MEMOPT_DATA_DIR`` - set it in the
 environment of the code location and of the daemon - and fingerprints its input files by
-name, size and modification time, never reading them (core/fingerprint.py). The cursor keeps
+name, size and modification time, never reading them (core/data/fingerprint.py). The cursor keeps
 the fingerprint last trained on. A change launches full_training on that path, whose chain
 re-materializes the dataset metadata and everything that depends on it. It is stopped by
 default: start it in the UI (Automation) once the variable is set.

@@ -11,7 +11,7 @@ instance. So the ``train_instances`` job has a PartitionedConfig: when a run is 
 instance partition k (a backfill, the Launchpad), its run config is built from the latest
 materialized plan — the k8s executor's ``per_step_k8s_config`` for the ``instance_model`` op
 (memory request = predicted peak x (1 + margin), a limit above it) and the MemoryGuard budget
-that matches the pod (core/concurrency.py, :func:`container_memory`). Runs launched with a run
+that matches the pod (core/memory/concurrency.py, :func:`container_memory`). Runs launched with a run
 config of their own (the chain sensors) replace the PartitionedConfig, as Dagster defines;
 they can merge :func:`instance_run_config` into theirs.
 

@@ -9,8 +9,15 @@ from memopt_pipeline.core.memory.measure import process_rss_bytes
 from memopt_pipeline.core.units import GiB
 
 
+def seconds_left_text(seconds: float) -> str:
+    return f"~{seconds:.0f} s left"
+
+
 class RowProgress:
-    """Call ``advance(rows)`` as work proceeds; a line is logged at most every ``every_seconds``."""
+    """Call ``advance(rows)`` as work proceeds; a line is logged at most every ``every_seconds``.
+
+    ``time_left`` turns the estimated seconds left into the line's text for them.
+    """
 
     def __init__(
         self,
@@ -22,6 +29,7 @@ class RowProgress:
         every_seconds: float = 10.0,
         rss_reader: Callable[[], int] = process_rss_bytes,
         clock: Callable[[], float] = time.monotonic,
+        time_left: Callable[[float], str] = seconds_left_text,
     ):
         self.label = label
         self.total_rows = total_rows
@@ -30,6 +38,7 @@ class RowProgress:
         self.every_seconds = every_seconds
         self.rss_reader = rss_reader
         self.clock = clock
+        self.time_left = time_left
         self.rows = 0
         self.started = self.last_logged = clock()
 
@@ -50,7 +59,7 @@ class RowProgress:
             parts[0] += " rows"
         parts.append(f"{rate:,.0f} rows/s")
         if self.total_rows and rate > 0:
-            parts.append(f"~{max(self.total_rows - self.rows, 0) / rate:.0f} s left")
+            parts.append(self.time_left(max(self.total_rows - self.rows, 0) / rate))
         rss = self.rss_reader() / GiB
         parts.append(f"RSS {rss:.2f}/{self.budget_bytes / GiB:.2f} GiB" if self.budget_bytes else f"RSS {rss:.2f} GiB")
         return ", ".join(parts)

@@ -286,7 +286,7 @@ def train_instance_xgboost(
     ``device`` None picks one with :func:`choose_device`. With ``external_memory_dir`` the
     binned matrices live in per-matrix cache folders there, all removed by the end (also on
     error). The returned ``InstanceTraining.booster`` is an ``xgboost.Booster``.
-    ``validation_folds``: as in :func:`boosters.train_instance` (None = k-fold).
+    ``validation_folds``: as in :func:`lightgbm_backend.train_instance` (None = k-fold).
     """
     xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device or choose_device(log))
     callbacks = list(callbacks or [])

@@ -274,7 +274,7 @@ def train_instance_xgboost_dask(
     ``reader`` supplies the dataset metadata, the feature columns and row counts (from the
     gene statistics); the rows themselves are read by the workers. ``partition_rows`` bounds
     the rows of one partition (a worker holds it raw until binned); ``batch_rows`` those of
-    one batch inside it. ``validation_folds``: as in :func:`boosters.train_instance` (None =
+    one batch inside it. ``validation_folds``: as in :func:`lightgbm_backend.train_instance` (None =
     k-fold). The out-of-fold probabilities (rows x classes) are gathered in this process for
     calibration, like the other backends'. The returned booster is an ``xgboost.Booster``.
     """

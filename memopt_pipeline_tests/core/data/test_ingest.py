@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from memopt_pipeline.core.data import ingest
 from memopt_pipeline.core.data.dataset import DatasetError, list_shards, scan_dataset
 from memopt_pipeline.core.data.ingest import IngestResult, find_csv_inputs, ingest_csv, is_csv_input
+from memopt_pipeline.core.data.ingest import progress as ingest_progress
+from memopt_pipeline.core.data.ingest import run as ingest_run
 from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
 from memopt_pipeline.core.memory.measure import kernel_peak_rss_bytes, process_rss_bytes, reset_kernel_peak
 from memopt_pipeline.core.memory.release import release_memory
 from memopt_pipeline.core.units import GiB
+from memopt_pipeline_tests.core.data.csv_files import HEADER, simple_rows, write_rows
 
 MB = 10**6
 SPEC = SyntheticSpec(n_genes=24, kmer_sizes=(1, 2), genes_per_shard=8, row_group_rows=500, seed=5)
@@ -169,18 +170,6 @@ def test_second_call_reuses_and_a_changed_source_reingests(source, tmp_path):
     assert grown.rows == source.num_rows + 1
 
 
-def _write_rows(path: Path, header: str, rows: list[str]) -> Path:
-    path.write_text(header + "\n" + "".join(row + "\n" for row in rows))
-    return path
-
-
-def _simple_rows(n: int, start: int = 0) -> list[str]:
-    return [f"G{(i * 7) % 50:03d},{i},{i % 3},{(i * 0.37) % 1:.4f}" for i in range(start, start + n)]
-
-
-HEADER = "gene,position,label,score"
-
-
 @pytest.mark.parametrize(
     "name, content, message",
     [
@@ -209,8 +198,8 @@ def test_bad_input_raises_dataset_error_naming_the_file(tmp_path, name, content,
 def test_files_with_different_columns_are_rejected(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    _write_rows(folder / "a.csv", HEADER, _simple_rows(10))
-    _write_rows(folder / "b.csv", "gene,position,label,other", _simple_rows(10))
+    write_rows(folder / "a.csv", HEADER, simple_rows(10))
+    write_rows(folder / "b.csv", "gene,position,label,other", simple_rows(10))
     expected = r"b\.csv: columns differ from .*a\.csv: missing \['score'\], extra \['other'\]"
     with pytest.raises(DatasetError, match=expected):
         ingest_csv(folder, tmp_path / "out", gene_column="gene", budget_bytes=GiB)
@@ -219,10 +208,10 @@ def test_files_with_different_columns_are_rejected(tmp_path):
 def test_folder_files_may_order_columns_differently_and_be_empty(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    _write_rows(folder / "a.csv", HEADER, _simple_rows(300))
-    reordered = [",".join(np.array(r.split(","))[[3, 0, 2, 1]]) for r in _simple_rows(200, start=300)]
-    _write_rows(folder / "b.csv", "score,gene,label,position", reordered)
-    _write_rows(folder / "c.csv", HEADER, [])  # header only: skipped with a note
+    write_rows(folder / "a.csv", HEADER, simple_rows(300))
+    reordered = [",".join(np.array(r.split(","))[[3, 0, 2, 1]]) for r in simple_rows(200, start=300)]
+    write_rows(folder / "b.csv", "score,gene,label,position", reordered)
+    write_rows(folder / "c.csv", HEADER, [])  # header only: skipped with a note
     lines = []
     result = ingest_csv(folder, tmp_path / "out", gene_column="gene", budget_bytes=GiB, rows_per_shard=100,
                         block_bytes=2048, progress=lines.append)
@@ -238,8 +227,8 @@ def test_a_value_that_does_not_fit_the_first_blocks_type_widens_the_column(tmp_p
     rows = [f"G{i % 40:03d},{i},{i % 5},{i % 3},{i % 2}" for i in range(2000)]
     rows[1500] = "G001,1500,0.5,X,1"  # 'value' gets a fraction, 'chrom' a letter, blocks after the first
     header = "gene,position,value,chrom,count"
-    _write_rows(folder / "a.csv", header, rows)
-    _write_rows(folder / "b.csv", header, ["G002,5000,7,Y,1.25"])  # 'count' widens in the second file
+    write_rows(folder / "a.csv", header, rows)
+    write_rows(folder / "b.csv", header, ["G002,5000,7,Y,1.25"])  # 'count' widens in the second file
     lines = []
     result = ingest_csv(folder, tmp_path / "out", gene_column="gene", budget_bytes=GiB, rows_per_shard=500,
                         block_bytes=4096, progress=lines.append)
@@ -265,7 +254,7 @@ def test_a_value_that_does_not_fit_the_first_blocks_type_widens_the_column(tmp_p
 def test_many_ranges_are_routed_in_sweeps_with_the_same_result(source, source_csv, tmp_path, monkeypatch):
     rows_per_shard = source.num_rows // 6
     normal = _ingest(source_csv, tmp_path / "normal", rows_per_shard=rows_per_shard)
-    monkeypatch.setattr(ingest, "_max_open_spills", lambda: 2)
+    monkeypatch.setattr(ingest_run, "max_open_spills", lambda: 2)
     lines = []
     swept = _ingest(source_csv, tmp_path / "swept", rows_per_shard=rows_per_shard, progress=lines.append)
     assert any("reads the input" in line for line in lines)
@@ -275,7 +264,7 @@ def test_many_ranges_are_routed_in_sweeps_with_the_same_result(source, source_cs
 
 
 def test_progress_reports_rows_rate_eta_and_rss(source_csv, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(ingest_progress, "PROGRESS_INTERVAL_S", 0.0)
     lines = []
     _ingest(source_csv, tmp_path / "out", rows_per_shard=10_000, block_bytes=16 * 1024, progress=lines.append)
     assert lines[0].startswith("ingest: 0.00 GiB in 1 CSV file(s)")
@@ -284,59 +273,6 @@ def test_progress_reports_rows_rate_eta_and_rss(source_csv, tmp_path, monkeypatc
     assert pass1 and pass2
     assert "rows/s" in pass1[-1] and "GiB" in pass1[-1]
     assert "ETA" in pass2[-1] and "/1.00 GiB" in pass2[-1]
-
-
-# --- the prefetch thread ------------------------------------------------------------------
-
-
-def _csv_with_bad_line_in_block_two(path: Path, block_bytes: int) -> Path:
-    rows = _simple_rows(3000)
-    path.write_text(HEADER + "\n" + "".join(r + "\n" for r in rows))
-    assert path.stat().st_size > 3 * block_bytes
-    bad_at = int(len(rows) * 1.5 * block_bytes / path.stat().st_size)  # inside the second block
-    rows[bad_at] += ",EXTRA"
-    return _write_rows(path, HEADER, rows)
-
-
-def test_reader_error_in_a_later_block_reaches_the_caller_and_stops_the_thread(tmp_path):
-    block = 16 * 1024
-    path = _csv_with_bad_line_in_block_two(tmp_path / "late_error.csv", block)
-    threads_before = threading.active_count()
-    with pytest.raises(DatasetError, match=r"late_error\.csv: malformed CSV line after data row") as raised:
-        ingest_csv(path, tmp_path / "out", gene_column="gene", budget_bytes=GiB, block_bytes=block)
-    assert "Expected 4 columns, got 5" in str(raised.value)
-    assert isinstance(raised.value.__cause__, pa.ArrowInvalid)
-    assert threading.active_count() == threads_before
-
-    # Directly: the blocks before the bad one arrive, then the error.
-    seen = 0
-    with pytest.raises(DatasetError, match="malformed"):
-        with ingest._BlockStream(path, block_bytes=block, column_types={"gene": pa.string()}) as stream:
-            for batch in stream:
-                seen += batch.num_rows
-    assert 0 < seen < 3000
-    assert threading.active_count() == threads_before
-
-
-def test_consumer_leaving_early_or_failing_stops_the_thread(tmp_path):
-    path = _write_rows(tmp_path / "rows.csv", HEADER, _simple_rows(5000))
-    options = {"column_types": {"gene": pa.string()}}
-    threads_before = threading.active_count()
-    with ingest._BlockStream(path, block_bytes=4096, **options) as stream:
-        for _ in stream:
-            time.sleep(0.2)  # the producer fills the queue and blocks on it
-            break
-    assert threading.active_count() == threads_before
-
-    with pytest.raises(RuntimeError, match="consumer failed"):
-        with ingest._BlockStream(path, block_bytes=4096, **options) as stream:
-            for _ in stream:
-                raise RuntimeError("consumer failed")
-    assert threading.active_count() == threads_before
-
-    with ingest._BlockStream(path, block_bytes=4096, **options) as stream:
-        assert sum(batch.num_rows for batch in stream) == 5000
-        assert stream.schema.names == HEADER.split(",")
 
 
 # --- memory ---------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from memopt_pipeline.core.data.synthetic import (
     SyntheticSpec,
     generate_dataset,
     main,
-    simulate_gene,
 )
+from memopt_pipeline.core.data.synthetic.genes import simulate_gene
 
 # 3 shards (15 + 15 + 10 genes), several row groups each, ~2,800 rows.
 SPEC = SyntheticSpec(n_genes=40, genes_per_shard=15, row_group_rows=500, seed=3)

@@ -1,0 +1,3 @@
+from memopt_pipeline.core.data.synthetic.cli import main
+
+raise SystemExit(main())
