@@ -1,12 +1,14 @@
-"""`memopt` command line: run the whole graph into the project's Dagster instance, open the UI.
+"""`memopt` command line: run the whole graph into an experiment, open the UI on it.
 
-    memopt run [--data PATH] [--budget-gb X] [--output DIR] ...
-    memopt ui            # dagster dev on this code location
-    memopt demo-data DIR # write the demo dataset only
+    memopt run [--data PATH] [--budget-gb X] [--output DIR] [--force] ...
+    memopt ui [--output DIR]   # dagster dev on that experiment
+    memopt demo-data DIR       # write the demo dataset only
 
-`memopt run` materializes every asset, every instance partition included, as ordinary
-Dagster runs in the instance configured by ./dagster.yaml, so `dagster dev` afterwards shows
-them; it ends with a summary of stages, peak RSS and holdout metrics.
+An experiment is an output folder (default data/output): its artifacts and, unless
+DAGSTER_HOME is set, its own Dagster instance in DIR/.dagster. `memopt run` materializes what
+is missing or stale there (running it again after a kill resumes), as ordinary Dagster runs
+that `memopt ui` shows; it ends with what was reused and what ran, each stage's peak RSS
+and the holdout metrics.
 """
 
 from __future__ import annotations
@@ -17,24 +19,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-
-def _instance():
-    """The project's Dagster instance: $DAGSTER_HOME if set, else ./dagster.yaml (as `dagster dev` does)."""
-    import dagster as dg
-    from dagster._core.instance.ref import InstanceRef
-
-    if os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.get()
-    config_dir = Path.cwd()
-    if not (config_dir / "dagster.yaml").exists():
-        raise SystemExit(
-            "no DAGSTER_HOME set and no dagster.yaml in the current folder: run from the repository root "
-            "or set DAGSTER_HOME"
-        )
-    home = config_dir / ".dagster"
-    home.mkdir(exist_ok=True)
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home), config_dir=str(config_dir)))
 
 
 def _run_config(args: argparse.Namespace) -> dict:
@@ -62,27 +46,49 @@ def _run_config(args: argparse.Namespace) -> dict:
         "ensemble_model": {"config": {"weighting": args.weighting}},
         "memory_plan": {"config": {"safety": args.plan_safety}},
     }
+    return {"ops": ops}
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_pipeline(args: argparse.Namespace):
+    """Materialize what is missing or stale in the experiment's instance; returns the Outcome."""
+    from memopt_pipeline.automation.experiment import Experiment
+
+    experiment = Experiment(args.output)
+    # Step processes and `memopt ui` find the experiment through these.
+    os.environ.update({k: v for k, v in experiment.environment().items() if k != "DAGSTER_HOME"})
+    if args.parallel:
+        return _run_parallel(args, experiment)
+    from memopt_pipeline.automation.resumable_run import RunSettings, run_experiment
+
     # Step-level DEBUG events drown the progress lines; the UI keeps the full event log.
-    return {"ops": ops, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    settings = RunSettings(ops_config=_run_config(args)["ops"], budget_gb=args.budget_gb, force=args.force)
+    return run_experiment(experiment, settings, log=_say)
 
 
-def run_pipeline(args: argparse.Namespace) -> dict:
-    """Materialize the whole graph into the project's instance; returns per-stage metadata."""
+def _run_parallel(args: argparse.Namespace, experiment):
+    """--parallel: every stage again, instance partitions side by side in worker processes."""
     from memopt_pipeline.automation.local_run import materialize_pipeline
+    from memopt_pipeline.automation.resumable_run import Outcome
     from memopt_pipeline.definitions import build_resources
 
-    with _instance() as instance:
-        return materialize_pipeline(
+    with experiment.exclusive(_say), experiment.instance() as instance:
+        collected = materialize_pipeline(
             instance,
-            resources=build_resources(budget_gb=args.budget_gb, output_dir=args.output),
-            run_config=_run_config(args),
-            log=lambda message: print(message, flush=True),
-            parallel_instances=args.parallel,
+            resources=build_resources(budget_gb=args.budget_gb, output_dir=str(experiment.output_dir)),
+            run_config={**_run_config(args), "loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            log=_say,
+            parallel_instances=True,
         )
+    return Outcome(collected=collected)
 
 
-def format_summary(collected: dict[str, dict], wall_seconds: float) -> str:
-    lines = ["", "stage                              peak RSS GiB   budget GiB   seconds"]
+def format_summary(collected: dict[str, dict], wall_seconds: float, resumed: str = "") -> str:
+    lines = ["", resumed] if resumed else []
+    lines += ["", "stage                              peak RSS GiB   budget GiB   seconds"]
     for stage, meta in collected.items():
         if "peak_rss_gb" in meta:
             lines.append(
@@ -116,7 +122,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene-column", default=GENE_COLUMN, help="group (gene) id column")
     parser.add_argument("--label-column", default=LABEL_COLUMN, help="class label column")
     parser.add_argument("--budget-gb", type=float, default=None, help="memory budget in GiB (default: 60%% of RAM)")
-    parser.add_argument("--output", default=None, help="output folder (default: data/output)")
+    parser.add_argument(
+        "--output", default=None,
+        help="the experiment's folder: artifacts and (without DAGSTER_HOME) its own Dagster instance in "
+        "DIR/.dagster (default: data/output)",
+    )
+    parser.add_argument(
+        "--force", action="store_true",
+        help="recompute every stage (default: reuse every stage whose latest materialization is still current)",
+    )
     parser.add_argument("--sample-genes", type=int, default=0, help="train on this many genes only (0 = all)")
     parser.add_argument("--holdout-fraction", type=float, default=0.2, help="share of genes held out")
     parser.add_argument("--instances", type=int, default=0, help="instance models (0 = as the plan needs)")
@@ -152,29 +166,53 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-dir", default="data/demo", help="where the demo dataset is generated")
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    from memopt_pipeline.automation.resumable_run import RunFailed, Stopped, experiment_summary, install_stop_handlers
+
+    install_stop_handlers()
+    started = time.monotonic()
+    try:
+        outcome = run_pipeline(args)
+    except (Stopped, KeyboardInterrupt) as stop:
+        print(f"memopt: {stop or 'stopped'}; finished stages are kept: run the same command again to resume",
+              file=sys.stderr)
+        # The shell convention for death by a signal: 128 + its number.
+        return 143 if "(SIGTERM)" in str(stop) else 130
+    except RunFailed as failure:
+        print(f"memopt: run failed: {failure}", file=sys.stderr)
+        print("memopt: finished stages are kept; fix the cause and run again (`memopt ui` shows the full log)", file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001 - reported, not swallowed: exit code 1
+        cause = getattr(error, "user_exception", None) or error
+        print(f"memopt: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print("memopt: finished stages are kept; fix the cause and run again (`memopt ui` shows the full log)", file=sys.stderr)
+        return 1
+    resumed = experiment_summary(outcome) if outcome.decisions else ""
+    print(format_summary(outcome.collected, time.monotonic() - started, resumed))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_arguments(commands.add_parser("run", help="materialize the whole pipeline"))
-    ui = commands.add_parser("ui", help="open the Dagster UI (dagster dev) on this code location")
+    ui = commands.add_parser("ui", help="open the Dagster UI (dagster dev) on an experiment")
+    ui.add_argument("--output", default=None, help="the experiment's folder (default: data/output)")
     ui.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to dagster dev")
     demo = commands.add_parser("demo-data", help="generate the demo dataset")
     demo.add_argument("out_dir", nargs="?", default="data/demo")
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        started = time.monotonic()
-        try:
-            collected = run_pipeline(args)
-        except Exception as error:  # noqa: BLE001 - reported, not swallowed: exit code 1
-            cause = getattr(error, "user_exception", None) or error
-            print(f"memopt: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
-            print("memopt: what succeeded is kept; fix the cause and run again (see `dagster dev` for the full log)", file=sys.stderr)
-            return 1
-        print(format_summary(collected, time.monotonic() - started))
-        return 0
+        return _run_command(args)
     if args.command == "ui":
-        return subprocess.call([sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", *args.extra])
+        from memopt_pipeline.automation.experiment import Experiment
+
+        experiment = Experiment(args.output)
+        experiment.prepare()
+        environment = {**os.environ, **experiment.environment()}
+        target = ["-w", "workspace.yaml"] if Path("workspace.yaml").is_file() else ["-m", "memopt_pipeline.definitions"]
+        return subprocess.call([sys.executable, "-m", "dagster", "dev", *target, *args.extra], env=environment)
     from memopt_pipeline.core.data.synthetic import main as synthetic_main
 
     return synthetic_main([args.out_dir])

@@ -6,9 +6,17 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
+from memopt_pipeline.core.data.fingerprint import dataset_fingerprint
 from memopt_pipeline.core.data.ingest import ingest_csv, is_csv_input
-from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN, SyntheticSpec, generate_dataset
+from memopt_pipeline.core.data.synthetic import (
+    GENE_COLUMN,
+    GENERATOR_VERSION,
+    LABEL_COLUMN,
+    SyntheticSpec,
+    generate_dataset,
+)
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 DEFAULT_DEMO_DIR = "data/demo"
@@ -32,7 +40,16 @@ class DatasetConfig(dg.Config):
     demo_seed: int = Field(default=SyntheticSpec().seed, description="Seed of the generated demo dataset.")
 
 
-@dg.asset(group_name="dataset")
+def source_version_settings(config: DatasetConfig) -> dict:
+    """What besides the config makes the source what it is: the input files' fingerprint (names,
+    sizes, modification times; nothing is read), or, for the demo data, the generator's version
+    (it is deterministic for a given config)."""
+    if not config.path:
+        return {"generator_version": GENERATOR_VERSION}
+    return {"input_fingerprint": dataset_fingerprint(config.path).digest}
+
+
+@dg.asset(code_version="1", group_name="dataset")
 def source_dataset(
     context: dg.AssetExecutionContext, config: DatasetConfig, memory_guard: MemoryGuard, artifacts: ArtifactStore
 ) -> dg.Output[dict]:
@@ -46,7 +63,11 @@ def source_dataset(
         shards = generate_dataset(config.demo_dir, spec, progress=context.log.info)
         root = Path(config.demo_dir)
     elif ingested:
-        root = artifacts.path("source_dataset", "ingested", "_").parent
+        # A fixed folder, not a run folder: the ingest reuses it across runs by its manifest (re-ingesting
+        # a large CSV per run would cost hours and a copy of the data each time) and rewrites it only
+        # when the CSV changed, which changes source_dataset's data version and so stales everything
+        # that read the old shards.
+        root = artifacts.path("source_dataset", "ingested")
         with memory_guard.stage(context, "csv_ingest") as monitor:
             result = ingest_csv(
                 config.path,
@@ -54,6 +75,7 @@ def source_dataset(
                 gene_column=config.gene_column,
                 budget_bytes=memory_guard.budget_bytes(),
                 progress=context.log.info,
+                checkpoint=monitor.check,
             )
         shards = result.shards
         ingest_metadata = {"csv_rows": result.rows, "csv_gb": result.input_bytes / 1024**3, **MemoryGuard.metadata(monitor)}
@@ -70,8 +92,11 @@ def source_dataset(
         "label_column": config.label_column,
         "exclude_columns": list(config.exclude_columns),
     }
-    return dg.Output(
+    return versioned_output(
+        context,
         value,
+        config=config,
+        input=source_version_settings(config),
         metadata={
             "shards": len(shard_paths),
             "disk_gb": disk_bytes / 1024**3,
@@ -83,7 +108,7 @@ def source_dataset(
     )
 
 
-@dg.asset(group_name="dataset")
+@dg.asset(code_version="1", group_name="dataset")
 def dataset_metadata(
     context: dg.AssetExecutionContext, source_dataset: dict, memory_guard: MemoryGuard, artifacts: ArtifactStore
 ) -> dg.Output[dict]:
@@ -95,15 +120,18 @@ def dataset_metadata(
             gene_column=source_dataset["gene_column"],
             label_column=source_dataset["label_column"],
             exclude_columns=source_dataset["exclude_columns"],
-            gene_stats_path=artifacts.path("dataset_metadata", "gene_stats.parquet"),
+            gene_stats_path=artifacts.materialization_path(context, "gene_stats.parquet"),
             progress=context.log.info,
+            checkpoint=monitor.check,
         )
         monitor.check()
     drift = {s.path: s.missing_features for s in metadata.shards if s.missing_features}
     if drift:
         context.log.warning(f"schema drift: features missing from some shards (read as NaN there): {drift}")
-    return dg.Output(
+    return versioned_output(
+        context,
         metadata.to_dict(),
+        config=None,
         metadata={
             "rows": metadata.n_rows,
             "genes": metadata.n_genes,

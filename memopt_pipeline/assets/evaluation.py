@@ -1,13 +1,20 @@
-"""Holdout evaluation and chunked SHAP on genes no model has seen."""
+"""Holdout evaluation and chunked SHAP on genes no model has seen.
+
+Both retry an out-of-memory failure one level down the evaluation ladder
+(core/memory/ladder.py: smaller batches and chunks, then models loaded one at a time, then
+fewer SHAP rows), and record the level and the settings used in their metadata.
+"""
 
 
 import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from memopt_pipeline.assets.memory_heavy import MEMORY_POOL, MEMORY_RETRY_POLICY, guarded_reader
+from memopt_pipeline.assets.lineage import loaded_models
+from memopt_pipeline.assets.memory_heavy import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level, guarded_reader
+from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
-from memopt_pipeline.core.evaluate.ensemble import Ensemble, EnsembleMember
+from memopt_pipeline.core.evaluate.ensemble import Ensemble
 from memopt_pipeline.core.evaluate.holdout import evaluate_holdout
 from memopt_pipeline.core.evaluate.shap_summary import (
     DEFAULT_RESERVOIR_ROWS,
@@ -15,6 +22,7 @@ from memopt_pipeline.core.evaluate.shap_summary import (
     chunked_shap,
     reservoir_bytes,
 )
+from memopt_pipeline.core.memory.ladder import EvaluationSettings, evaluation_settings_for
 from memopt_pipeline.core.memory.planner import MemoryPlan
 from memopt_pipeline.core.report.plots import (
     calibration_png,
@@ -32,18 +40,33 @@ from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 MODELS_BUDGET_SHARE = 0.25
 
 
-def _load_ensemble(ensemble_model: dict, plan: MemoryPlan) -> Ensemble:
-    return Ensemble(
-        [EnsembleMember(**member) for member in ensemble_model["members"]],
-        max_resident_bytes=int(plan.budget_bytes * MODELS_BUDGET_SHARE),
-    )
+def _load_ensemble(ensemble_model: dict, plan: MemoryPlan, settings: EvaluationSettings) -> tuple[Ensemble, list[dict]]:
+    """The ensemble, and the model files it loads (path + sha256, checked against the ensemble's record)."""
+    # A limit of 0 makes every model too large to keep: the ladder's lower levels hold no model
+    # between uses, whatever the models' size.
+    limit = 0 if settings.models_one_at_a_time else int(plan.budget_bytes * MODELS_BUDGET_SHARE)
+    members, models = loaded_models(ensemble_model)
+    return Ensemble(members, max_resident_bytes=limit), models
+
+
+def _ladder_settings(context: dg.AssetExecutionContext, *, batch_rows: int, shap_rows: int = 0) -> EvaluationSettings:
+    settings = evaluation_settings_for(current_ladder_level(context), batch_rows=batch_rows, shap_rows=shap_rows)
+    if settings.level:
+        context.log.warning(
+            f"{context.asset_key.to_user_string()}: retry at ladder level {settings.level}: {settings.description}"
+        )
+    return settings
+
+
+def _ladder_metadata(settings: EvaluationSettings) -> dict:
+    return {"ladder_level": settings.level, "ladder_settings": settings.description}
 
 
 class EvaluationConfig(dg.Config):
     batch_rows: int = Field(default=0, description="Rows per prediction chunk (0 = the memory plan's batch rows).")
 
 
-@dg.asset(group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
+@dg.asset(code_version="1", group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
 def holdout_evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
@@ -58,18 +81,22 @@ def holdout_evaluation(
     beside the class-prior baseline. Predictions are written to Parquet chunk by chunk."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     plan = MemoryPlan.from_dict(memory_plan)
+    settings = _ladder_settings(context, batch_rows=config.batch_rows or plan.batch_rows)
     with memory_guard.stage(context, "holdout_evaluation") as monitor:
-        ensemble = _load_ensemble(ensemble_model, plan)
+        ensemble, models = _load_ensemble(ensemble_model, plan, settings)
         reader = guarded_reader(context, metadata, monitor, features=ensemble.feature_names)
-        predictions_path = artifacts.path("holdout_evaluation", "predictions.parquet")
+        predictions_path = artifacts.materialization_path(context, "predictions.parquet")
         metrics = evaluate_holdout(
             ensemble,
             reader,
             gene_split["holdout_genes"],
-            batch_rows=config.batch_rows or plan.batch_rows,
+            batch_rows=settings.batch_rows,
             predictions_path=predictions_path,
+            checkpoint=monitor.check,
         )
+    metrics["ladder"] = settings.to_dict()
     metrics["predictions_path"] = str(predictions_path)
+    metrics["models"] = models
     metrics["rows_read"] = reader.stats.rows_read
     per_class = {
         f"{name}_{metric}": float(values[metric])
@@ -94,8 +121,10 @@ def holdout_evaluation(
         f"holdout: logloss {metrics['logloss']:.4f} (class prior {metrics['baseline_logloss']:.4f}); "
         + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items() if k.endswith("pr_auc"))
     )
-    return dg.Output(
+    return versioned_output(
+        context,
         metrics,
+        config=config,
         metadata={
             "logloss": metrics["logloss"],
             "baseline_logloss": metrics["baseline_logloss"],
@@ -104,6 +133,8 @@ def holdout_evaluation(
             "ece_before_calibration": metrics["ece_before_calibration"]["mean"],
             "ece_after_calibration": metrics["ece_after_calibration"]["mean"],
             "models_loaded_one_at_a_time": metrics["models_loaded_one_at_a_time"],
+            **_ladder_metadata(settings),
+            "batch_rows": settings.batch_rows,
             "holdout_rows": metrics["rows"],
             "holdout_genes": metrics["genes"],
             **per_class,
@@ -111,6 +142,7 @@ def holdout_evaluation(
             "per_gene_logloss_p90": metrics["per_gene_logloss"]["p90"],
             "confusion_matrix": dg.MetadataValue.md(_confusion_markdown(metrics["confusion_matrix"], metadata.classes)),
             "predictions_path": dg.MetadataValue.path(str(predictions_path)),
+            "models": dg.MetadataValue.json(models),
             "pr_curves": dg.MetadataValue.md(pr_markdown),
             "calibration_curve": dg.MetadataValue.md(calibration_markdown),
             **MemoryGuard.metadata(
@@ -159,7 +191,7 @@ class ShapConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the beeswarm's row sample.")
 
 
-@dg.asset(group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
+@dg.asset(code_version="1", group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
 def shap_summary(
     context: dg.AssetExecutionContext,
     config: ShapConfig,
@@ -175,24 +207,28 @@ def shap_summary(
     for a beeswarm; per row, its strongest features per class (Parquet, written chunk by chunk)."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     plan = MemoryPlan.from_dict(memory_plan)
+    settings = _ladder_settings(context, batch_rows=config.chunk_rows, shap_rows=config.sample_rows)
+    shap_rows_reduced = settings.shap_rows < config.sample_rows
+    if shap_rows_reduced:
+        context.log.warning(f"shap: explaining {settings.shap_rows:,} rows, not the configured {config.sample_rows:,}")
     # The reservoir is allocated once at its full size; it counts against the budget like a chunk.
-    kept = reservoir_bytes(min(config.reservoir_rows, config.sample_rows), plan.n_features, plan.n_classes)
+    kept = reservoir_bytes(min(config.reservoir_rows, settings.shap_rows), plan.n_features, plan.n_classes)
     # Contributions are rows x classes x (features + 1) doubles per chunk: shrink the chunk
     # (never the sample) until the plan says it fits, and say so.
-    chunk_rows = config.chunk_rows
+    chunk_rows = settings.batch_rows
     while chunk_rows > 1 and plan.shap_peak(chunk_rows) + kept > plan.budget_bytes * plan.safety:
         chunk_rows //= 2
-    if chunk_rows != config.chunk_rows:
-        context.log.warning(f"shap: chunk_rows {config.chunk_rows} would not fit the budget; using {chunk_rows}")
-    rows_path = artifacts.path("shap_summary", "rows.parquet")
+    if chunk_rows != settings.batch_rows:
+        context.log.warning(f"shap: chunk_rows {settings.batch_rows} would not fit the budget; using {chunk_rows}")
+    rows_path = artifacts.materialization_path(context, "rows.parquet")
     with memory_guard.stage(context, "shap_summary") as monitor:
-        ensemble = _load_ensemble(ensemble_model, plan)
+        ensemble, models = _load_ensemble(ensemble_model, plan, settings)
         reader = guarded_reader(context, metadata, monitor, features=ensemble.feature_names)
         summary = chunked_shap(
             ensemble,
             reader,
             gene_split["holdout_genes"],
-            sample_rows=config.sample_rows,
+            sample_rows=settings.shap_rows,
             chunk_rows=chunk_rows,
             reservoir_rows=config.reservoir_rows,
             seed=config.seed,
@@ -204,9 +240,9 @@ def shap_summary(
         {"feature": summary.features}
         | {f"mean_abs_{c}": summary.mean_abs[i] for i, c in enumerate(summary.classes)}
     )
-    importance_path = write_parquet(artifacts.path("shap_summary", "mean_abs_shap.parquet"), table)
+    importance_path = write_parquet(artifacts.materialization_path(context, "mean_abs_shap.parquet"), table)
     reservoir_path = write_parquet(
-        artifacts.path("shap_summary", "reservoir.parquet"),
+        artifacts.materialization_path(context, "reservoir.parquet"),
         summary.reservoir.table(summary.features, summary.classes, summary.top_feature_indices(RESERVOIR_TABLE_FEATURES)),
     )
     plot_dir = importance_path.parent
@@ -240,14 +276,23 @@ def shap_summary(
         "reservoir_path": str(reservoir_path),
         "reservoir_rows": summary.reservoir.size,
         "plots": plots,
+        "ladder": settings.to_dict(),
+        "models": models,
     }
-    return dg.Output(
+    return versioned_output(
+        context,
         value,
+        config=config,
         metadata={
             "rows_explained": summary.rows,
             "chunks": summary.chunks,
             "chunk_rows": chunk_rows,
-            "chunk_rows_shrunk_to_fit": chunk_rows != config.chunk_rows,
+            "chunk_rows_shrunk_to_fit": chunk_rows != settings.batch_rows,
+            **_ladder_metadata(settings),
+            "shap_rows": settings.shap_rows,
+            "shap_rows_configured": config.sample_rows,
+            "shap_rows_reduced": shap_rows_reduced,
+            "models_loaded_one_at_a_time": ensemble.one_at_a_time,
             "reservoir_rows": summary.reservoir.size,
             "additivity_max_error": summary.additivity_max_error,
             "top_features": dg.MetadataValue.md(
@@ -256,6 +301,7 @@ def shap_summary(
             "shap_importance": dg.MetadataValue.md(importance_markdown),
             "shap_beeswarm": dg.MetadataValue.md(beeswarm_markdown),
             "rows_path": dg.MetadataValue.path(str(summary.rows_path)),
+            "models": dg.MetadataValue.json(models),
             **MemoryGuard.metadata(
                 monitor, predicted_peak_bytes=plan.shap_peak(chunk_rows) + kept, timeline_path=plots["memory_timeline"]
             ),

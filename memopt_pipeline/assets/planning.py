@@ -4,6 +4,7 @@
 import dagster as dg
 from pydantic import Field
 
+from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.memory.measure import process_rss_bytes
 from memopt_pipeline.core.memory.planner import check_free_disk, make_plan
@@ -19,7 +20,7 @@ class PlanConfig(dg.Config):
     safety: float = Field(default=0.85, description="Plan to this share of the budget, leaving the rest as margin.")
 
 
-@dg.asset(group_name="planning")
+@dg.asset(code_version="1", group_name="planning")
 def memory_plan(
     context: dg.AssetExecutionContext,
     config: PlanConfig,
@@ -44,14 +45,17 @@ def memory_plan(
         bin_sample_rows=config.bin_sample_rows,
         safety=config.safety,
     )
-    free_disk = check_free_disk(artifacts.path("memory_plan").parent, plan.disk_needed_bytes)
+    free_disk = check_free_disk(artifacts.root(), plan.disk_needed_bytes)
     context.log.info(
         f"plan: budget {budget / GiB:.2f} GiB, baseline {baseline / GiB:.2f} GiB, up to "
         f"{plan.max_rows_per_instance:,} rows per instance ({plan.strategy}); all {metadata.n_rows:,} rows in one "
         f"model would need {plan.predicted_peak_full_data / GiB:.2f} GiB"
     )
-    return dg.Output(
+    return versioned_output(
+        context,
         plan.to_dict(),
+        config=config,
+        budget_bytes=budget,
         metadata={
             "budget_gb": budget / GiB,
             "baseline_gb": baseline / GiB,

@@ -4,6 +4,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.report.run_report import StageMemory, build_report
 from memopt_pipeline.resources import ArtifactStore
 
@@ -34,7 +35,7 @@ def _stage_memory(instance: dg.DagsterInstance, asset: str, partition: str | Non
     )
 
 
-@dg.asset(group_name="evaluation")
+@dg.asset(code_version="1", group_name="evaluation")
 def run_report(
     context: dg.AssetExecutionContext,
     dataset_metadata: dict,
@@ -69,7 +70,8 @@ def run_report(
         holdout=holdout_evaluation,
         shap=shap_summary,
     )
-    path = report.write(artifacts.path("run_report", f"report_{context.run.run_id}.md"))
+    # The run id stays in the file name too: the report is often copied out of its folder.
+    path = report.write(artifacts.materialization_path(context, f"report_{context.run.run_id}.md"))
     images = report.images()
     missing = [image.title for image in images if image.png is None]
     if missing:
@@ -82,8 +84,10 @@ def run_report(
         "images": len(images) - len(missing),
         "images_missing": missing,
     }
-    return dg.Output(
+    return versioned_output(
+        context,
         value,
+        config=None,
         metadata={
             "report_path": dg.MetadataValue.path(str(path)),
             "report_kb": path.stat().st_size / 1024,

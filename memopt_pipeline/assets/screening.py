@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from memopt_pipeline.assets.memory_heavy import guarded_reader
+from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.data.screening import screen_features
 from memopt_pipeline.core.memory.planner import MemoryPlan
@@ -22,7 +23,7 @@ class ScreeningConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the gene sample.")
 
 
-@dg.asset(group_name="splits")
+@dg.asset(code_version="1", group_name="splits")
 def feature_screening(
     context: dg.AssetExecutionContext,
     config: ScreeningConfig,
@@ -46,11 +47,14 @@ def feature_screening(
             duplicate_correlation=config.duplicate_correlation,
             keep=config.keep_features,
             seed=config.seed,
+            checkpoint=monitor.check,
         )
     if result.leaky:
         context.log.warning(f"leaky features excluded (single-feature AUC): {result.leaky}")
-    return dg.Output(
+    return versioned_output(
+        context,
         result.to_dict(),
+        config=config,
         metadata={
             "kept_features": len(result.kept),
             "leaky_features": dg.MetadataValue.json(result.leaky),

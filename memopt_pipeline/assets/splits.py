@@ -6,6 +6,7 @@ import polars as pl
 from pydantic import Field
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME, instance_key, instance_partitions
+from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.data.folds import assign_instances, fast_validation_split, fold_class_counts, gene_folds
 from memopt_pipeline.core.data.sampling import GeneSplit, split_genes
@@ -22,7 +23,7 @@ class SplitConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the gene sample and holdout split.")
 
 
-@dg.asset(group_name="splits")
+@dg.asset(code_version="1", group_name="splits")
 def gene_split(context: dg.AssetExecutionContext, config: SplitConfig, dataset_metadata: dict) -> dg.Output[dict]:
     """Holdout genes vs training genes. The user's gene sample lives here and nowhere else."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
@@ -32,8 +33,10 @@ def gene_split(context: dg.AssetExecutionContext, config: SplitConfig, dataset_m
         sample_genes=config.sample_genes,
         seed=config.seed,
     )
-    return dg.Output(
+    return versioned_output(
+        context,
         split.to_dict(),
+        config=config,
         metadata={
             "train_genes": len(split.train_genes),
             "holdout_genes": len(split.holdout_genes),
@@ -52,7 +55,7 @@ class InstanceConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the gene-to-instance assignment.")
 
 
-@dg.asset(group_name="splits")
+@dg.asset(code_version="1", group_name="splits")
 def instance_assignment(
     context: dg.AssetExecutionContext,
     config: InstanceConfig,
@@ -91,8 +94,10 @@ def instance_assignment(
         context.instance.delete_dynamic_partition(INSTANCE_PARTITIONS_NAME, stale)
     context.instance.add_dynamic_partitions(INSTANCE_PARTITIONS_NAME, [k for k in keys if k not in existing])
     largest = max(v["rows"] for v in value["instances"].values())
-    return dg.Output(
+    return versioned_output(
+        context,
         value,
+        config=config,
         metadata={
             "instances": len(keys),
             "instances_required_by_plan": needed,
@@ -114,7 +119,7 @@ class FoldConfig(dg.Config):
     )
 
 
-@dg.asset(group_name="splits", partitions_def=instance_partitions)
+@dg.asset(code_version="1", group_name="splits", partitions_def=instance_partitions)
 def cv_folds(
     context: dg.AssetExecutionContext, config: FoldConfig, instance_assignment: dict, dataset_metadata: dict
 ) -> dg.Output[dict]:
@@ -137,8 +142,10 @@ def cv_folds(
     except ValueError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from error
     per_fold = fold_class_counts(stats, folds)
-    return dg.Output(
+    return versioned_output(
+        context,
         value,
+        config=config,
         metadata={
             "mode": value["mode"],
             "genes": len(folds),

@@ -6,15 +6,17 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
+from memopt_pipeline.assets.lineage import coverage_of, load_instance_card
 from memopt_pipeline.assets.memory_heavy import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level, guarded_reader
 from memopt_pipeline.assets.partitions import instance_partitions
+from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.evaluate.ensemble import validation_weights
 from memopt_pipeline.core.memory.ladder import settings_for
 from memopt_pipeline.core.memory.planner import MemoryPlan
 from memopt_pipeline.core.memory.release import release_memory
 from memopt_pipeline.core.report.run_report import markdown_table
-from memopt_pipeline.core.storage import atomic_path, write_json
+from memopt_pipeline.core.storage import atomic_path, file_sha256, write_json
 from memopt_pipeline.core.train.calibration import apply_calibration, expected_calibration_error, fit_calibration
 from memopt_pipeline.core.train.callbacks import lightgbm_callback, xgboost_callback
 from memopt_pipeline.core.train.instance import BoostingParams
@@ -73,6 +75,7 @@ class TrainingConfig(dg.Config):
 
 
 @dg.asset(
+    code_version="1",
     group_name="training",
     partitions_def=instance_partitions,
     pool=MEMORY_POOL,
@@ -133,7 +136,8 @@ def instance_model(
         or (config.backend == "xgboost" and config.external_memory)
     )
     backend = "xgboost" if external_memory else config.backend
-    partition_dir = artifacts.path("instance_model", context.partition_key, "model").parent
+    # This materialization's own folder: the model an older ensemble recorded is never overwritten.
+    partition_dir = artifacts.run_dir(context)
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
         reader = guarded_reader(context, metadata, monitor, features=feature_screening["kept"])
         if backend == "xgboost":
@@ -180,7 +184,8 @@ def instance_model(
             model_path = partition_dir / "model.txt"
             with atomic_path(model_path) as tmp:
                 training.booster.save_model(str(tmp))
-    # A model of the other format from an earlier attempt would be ambiguous next to this one.
+    # A model of the other format from an earlier attempt of this run (a retry at another ladder
+    # level) would be ambiguous next to this one.
     for stale in (partition_dir / "model.txt", partition_dir / "model.ubj"):
         if stale != model_path and stale.exists():
             stale.unlink()
@@ -189,6 +194,9 @@ def instance_model(
     card = {
         "partition": context.partition_key,
         "model_path": str(model_path),
+        # The bytes this card describes: the ensemble checks them before it records the model.
+        "model_sha256": file_sha256(model_path),
+        "model_card_path": str(model_path.with_name("model_card.json")),
         "model_format": "xgboost-ubj" if model_path.suffix == ".ubj" else "lightgbm-text",
         "backend": backend,
         "external_memory": external_memory,
@@ -208,9 +216,11 @@ def instance_model(
         "calibration_report": calibration_report,
         **fold_summary,
     }
-    write_json(model_path.with_name("model_card.json"), card)
-    return dg.Output(
+    write_json(card["model_card_path"], card)
+    return versioned_output(
+        context,
         card,
+        config=config,
         metadata={
             "num_rounds": training.num_rounds,
             "cv_logloss_mean": fold_summary["cv_logloss_mean"],
@@ -271,6 +281,10 @@ def _fold_table(summary: dict) -> str:
     return markdown_table(["fold", "best iteration", "valid logloss", *(f"PR-AUC {c}" for c in classes)], rows)
 
 
+# What the ensemble's metadata shows of each member: the exact files it was built from.
+RECORDED_FILES = ("model_path", "model_sha256", "model_card_path", "model_card_sha256")
+
+
 class EnsembleConfig(dg.Config):
     weighting: Literal["equal", "validation"] = Field(
         default="equal",
@@ -279,7 +293,7 @@ class EnsembleConfig(dg.Config):
     )
 
 
-@dg.asset(group_name="training")
+@dg.asset(code_version="1", group_name="training")
 def ensemble_model(
     context: dg.AssetExecutionContext,
     config: EnsembleConfig,
@@ -287,8 +301,9 @@ def ensemble_model(
     instance_assignment: dict,
     gene_split: dict,
 ) -> dg.Output[dict]:
-    """All instance models' calibrated probabilities, averaged (equal or validation weights); checks
-    that together they cover 100% of the training genes."""
+    """All instance models' calibrated probabilities, averaged (equal or validation weights); checks,
+    from the genes the loaded model cards list, that together they cover 100% of the training genes.
+    Records each member's model file and model card by path and SHA-256."""
     expected = set(instance_assignment["instances"])
     present = set(instance_model)
     if expected - present:
@@ -296,32 +311,38 @@ def ensemble_model(
             f"instance_model is missing partitions {sorted(expected - present)}; materialize them before the ensemble"
         )
     keys = sorted(expected)
+    loaded = {key: load_instance_card(key, instance_model[key]) for key in keys}
+    cards = {key: card for key, (card, _, _) in loaded.items()}
+    coverage = coverage_of(cards, instance_assignment, gene_split["train_genes"])
     if config.weighting == "validation":
-        weights = validation_weights([instance_model[k]["cv_logloss_mean"] for k in keys])
+        weights = validation_weights([cards[k]["cv_logloss_mean"] for k in keys])
     else:
         weights = [1.0 / len(keys)] * len(keys)
-    members = [
-        {
-            "partition": key,
-            "model_path": instance_model[key]["model_path"],
-            "weight": weight,
-            "calibration": instance_model[key].get("calibration"),
-        }
-        for key, weight in zip(keys, weights)
-    ]
-    covered = set().union(*(set(instance_assignment["instances"][k]["genes"]) for k in expected))
-    coverage = len(covered & set(gene_split["train_genes"])) / len(gene_split["train_genes"])
-    if coverage < 1.0:
-        raise dg.Failure(f"instance models cover only {coverage:.1%} of the training genes; re-run instance_assignment")
-    return dg.Output(
+    members = []
+    for key, weight in zip(keys, weights):
+        card, model_ref, card_ref = loaded[key]
+        members.append(
+            {
+                "partition": key,
+                "model_path": model_ref["path"],
+                "model_sha256": model_ref["sha256"],
+                "model_bytes": model_ref["bytes"],
+                "model_card_path": card_ref["path"],
+                "model_card_sha256": card_ref["sha256"],
+                "weight": weight,
+                "calibration": card.get("calibration"),
+            }
+        )
+    return versioned_output(
+        context,
         {"members": members, "coverage": coverage, "weighting": config.weighting},
+        config=config,
         metadata={
             "instances": len(members),
             "gene_coverage": coverage,
             "weighting": config.weighting,
             "weights": dg.MetadataValue.json({m["partition"]: m["weight"] for m in members}),
-            "per_instance_cv_logloss": dg.MetadataValue.json(
-                {k: instance_model[k]["cv_logloss_mean"] for k in sorted(expected)}
-            ),
+            "per_instance_cv_logloss": dg.MetadataValue.json({k: cards[k]["cv_logloss_mean"] for k in keys}),
+            "models": dg.MetadataValue.json({m["partition"]: {k: m[k] for k in RECORDED_FILES} for m in members}),
         },
     )

@@ -8,6 +8,7 @@ previous good checkpoint used to be.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -73,6 +74,27 @@ def read_json(path: str | Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; materialize the stage that writes it first")
     return json.loads(path.read_text())
+
+
+# Read size of file_sha256: large enough for throughput, small enough that hashing a
+# multi-GiB model never holds more than this in memory.
+HASH_CHUNK_BYTES = 4 * 2**20
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
+    """The SHA-256 hex digest of a file, read in chunks (models can be bigger than memory allows)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_reference(path: str | Path) -> dict:
+    """``{"path", "sha256", "bytes"}`` of a file: how a materialization records a file it used,
+    so a later reader can tell whether the bytes are still the ones it used."""
+    path = Path(path).resolve()
+    return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def write_parquet(path: str | Path, table: pa.Table) -> Path:

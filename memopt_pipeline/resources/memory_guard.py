@@ -9,6 +9,8 @@ turns the measurements into numeric materialization metadata the UI can plot.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +39,33 @@ from memopt_pipeline.core.units import GiB
 # One per process: stages of every run executed in this process (in-process runs, the CLI,
 # repeated materializations in a code server) are compared with the first.
 _LEAKS: LeakTracker | None = None
+
+
+HEARTBEAT_FOLDER = "heartbeats"
+
+
+def heartbeat_path(instance: dg.DagsterInstance, run_id: str, step_key: str) -> Path:
+    """Where a step's memory guard leaves its last RSS sample (read after a SIGKILL, see
+    core/memory/failures.classify_kill): beside the instance's own files."""
+    return Path(instance.root_directory) / HEARTBEAT_FOLDER / f"{run_id}.{step_key}.json"
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """A SIGTERM (what SLURM and Kubernetes send before killing) stops the stage the way Ctrl-C
+    does: as an interrupt, not an out-of-memory failure, so no ladder level is spent on it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class MemoryGuard(dg.ConfigurableResource):
@@ -89,6 +118,7 @@ class MemoryGuard(dg.ConfigurableResource):
                 f"{freed.get('freed_bytes', 0) / GiB:.3f} GiB"
             ),
             advice=advice,
+            heartbeat_path=heartbeat_path(context.instance, context.run.run_id, context.get_step_execution_context().step.key),
         )
         rss_now = process_rss_bytes()
         context.log.info(f"{name}: budget {budget / GiB:.2f} GiB, RSS now {rss_now / GiB:.2f} GiB")
@@ -102,6 +132,7 @@ class MemoryGuard(dg.ConfigurableResource):
             )
         try:
             with contextlib.ExitStack() as stack:
+                stack.enter_context(stop_on_sigterm())
                 if self.hard_cap:
                     cap = stack.enter_context(hard_memory_cap(budget))
                     if cap is not None:

@@ -5,6 +5,7 @@ import pytest
 
 from memopt_pipeline.automation.local_run import materialize_pipeline
 from memopt_pipeline.definitions import build_resources
+from memopt_pipeline_tests.checkpoint_layout import stage_run_dir, stored_value
 
 
 @pytest.mark.parametrize("external_memory", [False, True], ids=["xgboost_in_memory", "xgboost_external_memory"])
@@ -28,7 +29,7 @@ def test_xgboost_backend_end_to_end(tiny_dataset, tmp_path, external_memory):
         )
     model = collected["instance_model [instance_0]"]
     assert model["backend"] == "xgboost" and model["external_memory"] is external_memory
-    partition_dir = output / "artifacts" / "instance_model" / "instance_0"
+    partition_dir = stage_run_dir(output, collected, "instance_model [instance_0]")
     assert (partition_dir / "model.ubj").exists() and not (partition_dir / "model.txt").exists()
     assert not any((partition_dir / "extmem_cache").glob("**/*.page"))  # caches removed
     holdout = collected["holdout_evaluation"]
@@ -64,17 +65,17 @@ def test_one_vs_rest_end_to_end_with_calibration_in_the_model_card(tiny_dataset,
             instance, resources=build_resources(output_dir=str(output)), run_config=run_config, log=lambda m: None
         )
     for key in ("instance_0", "instance_1"):
-        card = json.loads((output / "artifacts" / "instance_model" / key / "model_card.json").read_text())
+        card = json.loads((stage_run_dir(output, collected, f"instance_model [{key}]") / "model_card.json").read_text())
         assert card["objective"] == "ovr" and card["backend"] == backend
         assert card["calibration"]["method"] == calibration and len(card["calibration"]["per_class"]) == 3
         assert card["calibration_report"]["rows"] == card["train_rows"]  # k-fold: every row out of fold once
         assert set(card["cv_pr_auc"]) == {"neither", "donor", "acceptor"}
-        assignment = json.loads((output / "assets" / "instance_assignment.json").read_text())
+        assignment = stored_value(collected, "instance_assignment")
         assert card["genes"] == sorted(assignment["instances"][key]["genes"]) and len(card["genes"]) == card["train_genes"]
         metadata = collected[f"instance_model [{key}]"]
         assert metadata["cv_pr_auc_donor_mean"] == pytest.approx(card["cv_pr_auc"]["donor"]["mean"])
         assert metadata["oof_ece_after"] <= metadata["oof_ece_before"]  # fitted on these rows: cannot be worse
-    ensemble = json.loads((output / "assets" / "ensemble_model.json").read_text())
+    ensemble = stored_value(collected, "ensemble_model")
     weights = [m["weight"] for m in ensemble["members"]]
     assert ensemble["weighting"] == "validation" and sum(weights) == pytest.approx(1.0)
     assert all(m["calibration"]["method"] == calibration for m in ensemble["members"])
@@ -101,10 +102,11 @@ def test_fast_mode_validates_on_one_five_percent_split(tiny_dataset, tmp_path):
         )
     import json
 
-    folds = json.loads((tmp_path / "out" / "assets" / "cv_folds" / "instance_0.json").read_text())
+    folds = stored_value(collected, "cv_folds [instance_0]")
     assert folds["mode"] == "fast" and folds["validation_folds"] == [1]
     held = [g for g, f in folds["fold_of_gene"].items() if f == 1]
     assert 1 <= len(held) <= 0.1 * len(folds["fold_of_gene"]) + 1  # 27 genes: one or two held out
-    card = json.loads((tmp_path / "out" / "artifacts" / "instance_model" / "instance_0" / "model_card.json").read_text())
+    card_path = stage_run_dir(tmp_path / "out", collected, "instance_model [instance_0]") / "model_card.json"
+    card = json.loads(card_path.read_text())
     assert card["cv_mode"] == "fast" and len(card["folds"]) == 1
     assert collected["holdout_evaluation"]["logloss"] < collected["holdout_evaluation"]["baseline_logloss"]

@@ -6,6 +6,7 @@ import pytest
 from memopt_pipeline.automation.local_run import materialize_pipeline
 from memopt_pipeline.core.storage import read_json
 from memopt_pipeline.definitions import build_resources
+from memopt_pipeline_tests.checkpoint_layout import stage_run_dir
 
 
 def _run_config(tiny_dataset, **model_config) -> dict:
@@ -34,7 +35,7 @@ def test_xgboost_dask_backend_end_to_end(tiny_dataset, tmp_path):
     assert any("starting a LocalCluster for this step" in message for message in messages)
     model = collected["instance_model [instance_0]"]
     assert model["backend"] == "xgboost_dask" and model["external_memory"] is False
-    partition_dir = output / "artifacts" / "instance_model" / "instance_0"
+    partition_dir = stage_run_dir(output, collected, "instance_model [instance_0]")
     assert (partition_dir / "model.ubj").exists() and not (partition_dir / "model.txt").exists()
     assert read_json(partition_dir / "model_card.json")["model_format"] == "xgboost-ubj"
     holdout = collected["holdout_evaluation"]  # the ensemble and evaluation load the .ubj model unchanged

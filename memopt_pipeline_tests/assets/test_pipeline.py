@@ -1,6 +1,7 @@
 """The whole graph on a tiny generated dataset, through Dagster, in one test session."""
 
 import base64
+import hashlib
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from memopt_pipeline.core.report.plots import PNG_SIGNATURE
 from memopt_pipeline.core.report.run_report import SECTIONS
 from memopt_pipeline.core.storage import read_json
 from memopt_pipeline.definitions import build_resources
+from memopt_pipeline_tests.checkpoint_layout import stage_run_dir, stored_value
 
 HEAVY_STAGES = ("dataset_metadata", "instance_model [instance_0]", "instance_model [instance_1]", "holdout_evaluation", "shap_summary")
 
@@ -74,14 +76,14 @@ def test_ensemble_covers_all_training_genes(pipeline_run):
 
 def test_stages_read_only_the_sampled_genes(pipeline_run, tiny_metadata):
     collected, output = pipeline_run
-    split = read_json(output / "assets" / "gene_split.json")
-    assignment = read_json(output / "assets" / "instance_assignment.json")
+    split = stored_value(collected, "gene_split")
+    assignment = stored_value(collected, "instance_assignment")
     stats = tiny_metadata.read_gene_stats()
     rows_of = lambda genes: int(stats.filter(pl.col("gene").is_in(genes))["rows"].sum())  # noqa: E731
     assert split["sampled_genes"] == 30 < tiny_metadata.n_genes
     assert collected["holdout_evaluation"]["holdout_rows"] == rows_of(split["holdout_genes"])
     for key, instance in assignment["instances"].items():
-        card = read_json(output / "assets" / "instance_model" / f"{key}.json")
+        card = stored_value(collected, f"instance_model [{key}]")
         # Each fold reads its training and validation genes once for labels and twice for
         # LightGBM's two passes; the refit the same: never rows outside the instance.
         assert card["train_rows"] == instance["rows"]
@@ -89,20 +91,39 @@ def test_stages_read_only_the_sampled_genes(pipeline_run, tiny_metadata):
 
 
 def test_artifacts_are_native_formats(pipeline_run):
-    _, output = pipeline_run
-    model = output / "artifacts" / "instance_model" / "instance_0" / "model.txt"
+    collected, output = pipeline_run
+    model = stage_run_dir(output, collected, "instance_model [instance_0]") / "model.txt"
     assert model.read_text().startswith("tree")
     assert not list(output.rglob("*.pkl")) and not list(output.rglob("*.pickle"))
-    assert (output / "artifacts" / "holdout_evaluation" / "predictions.parquet").exists()
+    assert (stage_run_dir(output, collected, "holdout_evaluation") / "predictions.parquet").exists()
+
+
+def test_downstream_stages_record_the_files_they_used_with_their_hashes(pipeline_run):
+    collected, output = pipeline_run
+    sha256 = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()  # noqa: E731
+    ensemble = stored_value(collected, "ensemble_model")
+    for member in ensemble["members"]:
+        run_dir = stage_run_dir(output, collected, f"instance_model [{member['partition']}]")
+        assert member["model_path"] == str(run_dir / "model.txt")
+        assert member["model_sha256"] == sha256(member["model_path"])
+        assert member["model_card_path"] == str(run_dir / "model_card.json")
+        assert member["model_card_sha256"] == sha256(member["model_card_path"])
+    recorded = {m["partition"]: (m["model_path"], m["model_sha256"]) for m in ensemble["members"]}
+    in_metadata = collected["ensemble_model"]["models"]
+    assert {k: (v["model_path"], v["model_sha256"]) for k, v in in_metadata.items()} == recorded
+    for stage in ("holdout_evaluation", "shap_summary"):
+        loaded = stored_value(collected, stage)["models"]
+        assert {m["partition"]: (m["path"], m["sha256"]) for m in loaded} == recorded, stage
+        assert collected[stage]["models"] == loaded, stage
 
 
 def test_no_gene_is_shared_between_folds_or_with_the_holdout(pipeline_run):
-    _, output = pipeline_run
-    split = read_json(output / "assets" / "gene_split.json")
+    collected, output = pipeline_run
+    split = stored_value(collected, "gene_split")
     holdout = set(split["holdout_genes"])
     assert holdout and not holdout & set(split["train_genes"])
     for key in ("instance_0", "instance_1"):
-        folds = read_json(output / "assets" / "cv_folds" / f"{key}.json")["fold_of_gene"]
+        folds = stored_value(collected, f"cv_folds [{key}]")["fold_of_gene"]
         # fold_of_gene maps each gene to one fold, so a gene cannot be in two folds of one
         # instance; what must also hold is that no fold holds a holdout gene.
         members = {}
@@ -113,7 +134,7 @@ def test_no_gene_is_shared_between_folds_or_with_the_holdout(pipeline_run):
             assert not genes & holdout, (key, fold)
             for other, other_genes in members.items():
                 assert other == fold or not genes & other_genes
-        card = read_json(output / "artifacts" / "instance_model" / key / "model_card.json")
+        card = read_json(stage_run_dir(output, collected, f"instance_model [{key}]") / "model_card.json")
         assert not set(card["genes"]) & holdout
         # Each fold's validation rows were predicted by the model that did not train on them.
         assert sum(f["valid_genes"] for f in card["folds"]) == len(folds)
@@ -132,27 +153,27 @@ def test_plots_in_metadata_and_beside_the_artifacts(pipeline_run):
                        ("shap_summary", "shap_importance"), ("shap_summary", "shap_beeswarm")):
         [png] = _embedded_pngs(collected[stage][key])
         assert png.startswith(PNG_SIGNATURE) and len(png) < 100_000, (stage, key)
-    artifacts = output / "artifacts"
-    for name in ("holdout_evaluation/pr_curves.png", "holdout_evaluation/calibration.png", "holdout_evaluation/memory_timeline.png",
-                 "shap_summary/importance.png", "shap_summary/beeswarm.png", "shap_summary/memory_timeline.png"):
-        assert (artifacts / name).read_bytes().startswith(PNG_SIGNATURE), name
+    for stage, name in (("holdout_evaluation", "pr_curves.png"), ("holdout_evaluation", "calibration.png"),
+                        ("holdout_evaluation", "memory_timeline.png"), ("shap_summary", "importance.png"),
+                        ("shap_summary", "beeswarm.png"), ("shap_summary", "memory_timeline.png")):
+        assert (stage_run_dir(output, collected, stage) / name).read_bytes().startswith(PNG_SIGNATURE), name
     assert collected["holdout_evaluation"]["donor_ece"] >= 0  # numeric, so the UI plots it across runs
 
 
 def test_shap_writes_one_row_per_explained_row_and_a_bounded_sample(pipeline_run):
     collected, output = pipeline_run
     shap = collected["shap_summary"]
-    rows = pq.read_table(output / "artifacts" / "shap_summary" / "rows.parquet")
+    rows = pq.read_table(stage_run_dir(output, collected, "shap_summary") / "rows.parquet")
     assert rows.num_rows == shap["rows_explained"] == 300
     assert shap["reservoir_rows"] == 300  # the default reservoir (1,000 rows) holds the whole small sample
-    assert pq.read_table(output / "artifacts" / "shap_summary" / "reservoir.parquet").num_rows == 300
+    assert pq.read_table(stage_run_dir(output, collected, "shap_summary") / "reservoir.parquet").num_rows == 300
 
 
 def test_run_report_is_written_with_every_section_and_valid_plots(pipeline_run):
     collected, output = pipeline_run
     meta = collected["run_report"]
     path = Path(meta["report_path"])
-    assert path.parent == (output / "artifacts" / "run_report").resolve() and path.name.startswith("report_")
+    assert path.parent == stage_run_dir(output, collected, "run_report") and path.name.startswith("report_")
     text = path.read_text()
     for heading in SECTIONS:
         assert f"\n## {heading}\n" in text

@@ -9,8 +9,8 @@ import polars as pl
 
 from memopt_pipeline.automation.local_run import materialize_pipeline
 from memopt_pipeline.core.data import batch_reader as batches
-from memopt_pipeline.core.storage import read_json
 from memopt_pipeline.definitions import build_resources
+from memopt_pipeline_tests.checkpoint_layout import stored_value
 
 
 def test_every_stage_reads_only_sampled_genes(tiny_dataset, tiny_metadata, tmp_path, monkeypatch):
@@ -40,9 +40,11 @@ def test_every_stage_reads_only_sampled_genes(tiny_dataset, tiny_metadata, tmp_p
         }
     }
     with dg.instance_for_test() as instance:
-        materialize_pipeline(instance, resources=build_resources(output_dir=str(output)), run_config=run_config, log=lambda m: None)
+        collected = materialize_pipeline(
+            instance, resources=build_resources(output_dir=str(output)), run_config=run_config, log=lambda m: None
+        )
 
-    split = read_json(output / "assets" / "gene_split.json")
+    split = stored_value(collected, "gene_split")
     sampled = set(split["train_genes"]) | set(split["holdout_genes"])
     stats = tiny_metadata.read_gene_stats()
     sampled_rows = int(stats.filter(pl.col("gene").is_in(sorted(sampled)))["rows"].sum())

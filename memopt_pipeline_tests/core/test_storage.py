@@ -50,3 +50,15 @@ def test_incremental_parquet_writer_abort_keeps_previous_file(tmp_path):
 def test_read_json_missing_file_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="materialize"):
         read_json(tmp_path / "nope.json")
+
+
+def test_file_sha256_streams_in_chunks_and_matches_hashlib(tmp_path):
+    import hashlib
+
+    from memopt_pipeline.core.storage import file_reference, file_sha256
+
+    path = tmp_path / "model.txt"
+    path.write_bytes(bytes(range(256)) * 1000)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_sha256(path, chunk_bytes=1000) == file_sha256(path) == expected  # chunk size does not matter
+    assert file_reference(path) == {"path": str(path.resolve()), "sha256": expected, "bytes": 256_000}

@@ -6,6 +6,7 @@ import dagster as dg
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
 from memopt_pipeline.cli import main
+from memopt_pipeline_tests.checkpoint_layout import latest_run_dir, latest_value
 
 
 def test_memopt_run_materializes_everything_into_the_instance(tiny_dataset, tmp_path, monkeypatch, capsys):
@@ -34,7 +35,11 @@ def test_memopt_run_materializes_everything_into_the_instance(tiny_dataset, tmp_
             assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
         partitions = instance.get_materialized_partitions(dg.AssetKey("instance_model"))
         assert partitions == {"instance_0", "instance_1"}
-    assert (tmp_path / "out" / "artifacts" / "instance_model" / "instance_1" / "model.txt").exists()
+        # The model lives in the folder of the materialization that wrote it (named by its run id).
+        run_dir = latest_run_dir(instance, tmp_path / "out", "instance_model", "instance_1")
+        assert latest_value(instance, "instance_model", "instance_1")["model_path"] == str(run_dir / "model.txt")
+    assert run_dir.parent == (tmp_path / "out" / "artifacts" / "instance_model" / "instance_1").resolve()
+    assert (run_dir / "model.txt").exists()
 
 
 def test_memopt_run_reports_a_bad_dataset_path(tmp_path, monkeypatch, capsys):

@@ -15,7 +15,7 @@ import pytest
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
 from memopt_pipeline.core.memory.failures import text_is_out_of_memory
-from memopt_pipeline.core.storage import read_json
+from memopt_pipeline_tests.checkpoint_layout import latest_value
 
 TRAINING = {"cv_folds": {"config": {"n_folds": 2}}, "instance_model": {"config": {"max_rounds": 150, "early_stopping_rounds": 150, "learning_rate": 0.03, "num_threads": 1}}}
 
@@ -112,14 +112,14 @@ def test_sigkilled_instance_step_is_out_of_memory_and_only_that_partition_reruns
         # The other partition ran once, untouched.
         materialized = instance.get_materialized_partitions(dg.AssetKey("instance_model"))
         assert materialized == {"instance_0", "instance_1"}
-        killed_card = read_json(output_dir / "assets" / "instance_model" / "instance_1.json")
+        killed_card = latest_value(instance, "instance_model", "instance_1")
         assert killed_card["ladder"]["level"] == 1
-        killed_holdout = read_json(output_dir / "assets" / "holdout_evaluation.json")
+        killed_holdout = latest_value(instance, "holdout_evaluation")
 
     clean_output = tmp_path / "clean_out"
     monkeypatch.setenv("MEMOPT_OUTPUT_DIR", str(clean_output))
     with dg.instance_for_test() as instance:
         _pipeline(instance, tiny_dataset)
-        clean_holdout = read_json(clean_output / "assets" / "holdout_evaluation.json")
+        clean_holdout = latest_value(instance, "holdout_evaluation")
     assert killed_holdout["logloss"] == clean_holdout["logloss"]
     assert killed_holdout["per_class"] == clean_holdout["per_class"]

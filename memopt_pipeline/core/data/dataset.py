@@ -131,12 +131,15 @@ def scan_dataset(
     exclude_columns: Sequence[str] = (),
     write_table: Callable[[Path, pa.Table], object] | None = None,
     progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> DatasetMetadata:
     """Build :class:`DatasetMetadata` for ``shards``, writing per-gene stats to ``gene_stats_path``.
 
     Raises :class:`DatasetError` for a missing gene/label column, an unreadable or empty
     shard, null labels, a feature whose type conflicts between shards, fewer than two
-    classes, or no usable feature column.
+    classes, or no usable feature column. ``checkpoint`` (the memory guard's cooperative check)
+    runs after every batch of gene and label values read and once the per-gene counts are
+    merged: the partial counts grow with the number of distinct genes per batch.
     """
     from memopt_pipeline.core.storage import write_parquet
 
@@ -206,6 +209,8 @@ def scan_dataset(
                 .group_by("gene", "label")
                 .len()
             )
+            if checkpoint is not None:
+                checkpoint()
         shard_infos.append(
             ShardInfo(path=str(path), rows=rows, disk_bytes=path.stat().st_size, row_groups=parquet.num_row_groups)
         )
@@ -219,6 +224,8 @@ def scan_dataset(
         info.missing_features = [f for f in features if f not in names]
 
     counts = pl.concat(partial_counts).group_by("gene", "label").agg(pl.col("len").sum())
+    if checkpoint is not None:
+        checkpoint()
     classes = order_classes(counts["label"].unique().to_list())
     if len(classes) < 2:
         raise DatasetError(

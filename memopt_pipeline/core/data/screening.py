@@ -15,7 +15,7 @@ features that are never dropped (the user's override).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -51,8 +51,12 @@ def sample_genes_for_rows(gene_rows: dict[str, int], genes: Sequence[str], max_r
     return sorted(chosen)
 
 
-def single_feature_auc(matrix: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """max over classes of max(AUC, 1 - AUC) of each column as a one-vs-rest score, shape (features,)."""
+def single_feature_auc(
+    matrix: np.ndarray, labels: np.ndarray, n_classes: int, checkpoint: Callable[[], None] | None = None
+) -> np.ndarray:
+    """max over classes of max(AUC, 1 - AUC) of each column as a one-vs-rest score, shape (features,).
+
+    ``checkpoint`` runs per class: each class selects a rows x features copy of the ranks."""
     filled = np.where(np.isnan(matrix), -np.inf, matrix)
     ranks = rankdata(filled, axis=0)  # ties get average ranks, as the Mann-Whitney AUC needs
     best = np.full(matrix.shape[1], 0.5)
@@ -63,6 +67,8 @@ def single_feature_auc(matrix: np.ndarray, labels: np.ndarray, n_classes: int) -
             continue
         auc = (ranks[positives].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
         best = np.maximum(best, np.maximum(auc, 1.0 - auc))
+        if checkpoint is not None:
+            checkpoint()
     return best
 
 
@@ -76,7 +82,14 @@ def screen_features(
     duplicate_correlation: float = 0.999,
     keep: Collection[str] = (),
     seed: int = 0,
+    checkpoint: Callable[[], None] | None = None,
 ) -> ScreeningResult:
+    """Screen ``reader``'s features on a sample of ``genes`` (see the module docstring).
+
+    The reader's own checkpoint covers reading the sample; ``checkpoint`` (the memory guard's
+    check) covers what follows on the whole sample at once: the float64 ranks and per-class
+    copies of the AUC, and the float64 copy and correlation matrix of the duplicate search.
+    """
     features = list(reader.features)
     stats = reader.metadata.read_gene_stats()
     gene_rows = dict(zip(stats["gene"].to_list(), stats["rows"].to_list()))
@@ -95,7 +108,7 @@ def screen_features(
     with np.errstate(invalid="ignore"):
         low, high = np.nanmin(matrix, axis=0), np.nanmax(matrix, axis=0)
     constant_mask = ~(high > low)  # all-NaN columns give NaN here, which also counts as constant
-    auc = single_feature_auc(matrix, y, reader.metadata.n_classes)
+    auc = single_feature_auc(matrix, y, reader.metadata.n_classes, checkpoint)
     leaky_mask = (auc >= leak_auc) & ~constant_mask
 
     duplicates: dict[str, str] = {}
@@ -106,6 +119,9 @@ def screen_features(
         means = np.nanmean(block, axis=0)
         block = np.where(np.isnan(block), means, block)
         corr = np.abs(np.corrcoef(block, rowvar=False))
+        del block
+        if checkpoint is not None:
+            checkpoint()
         dropped = set()
         for i in range(len(candidates)):
             if i in dropped:

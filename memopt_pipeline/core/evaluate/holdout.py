@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Collection
+from typing import Callable, Collection
 
 import numpy as np
 import pyarrow as pa
@@ -60,8 +60,13 @@ def evaluate_holdout(
     *,
     batch_rows: int,
     predictions_path: str | Path,
+    checkpoint: Callable[[], None] | None = None,
 ) -> dict:
-    """Metrics of ``ensemble`` on ``genes``; progress is logged by the reader."""
+    """Metrics of ``ensemble`` on ``genes``; progress is logged by the reader.
+
+    The reader's checkpoint covers the prediction passes; ``checkpoint`` (the memory guard's
+    check) covers the metrics computed afterwards over all holdout rows at once.
+    """
     metadata = reader.metadata
     labels_parts: list[np.ndarray] = []
     proba_parts: list[np.ndarray] = []
@@ -102,14 +107,14 @@ def evaluate_holdout(
     writer.close()
     labels = np.concatenate(labels_parts)
     proba = np.concatenate(proba_parts)
-    metrics = multiclass_metrics(labels, proba, metadata.classes, genes=np.concatenate(gene_parts))
+    metrics = multiclass_metrics(labels, proba, metadata.classes, genes=np.concatenate(gene_parts), checkpoint=checkpoint)
     uncalibrated = np.concatenate(uncalibrated_parts)
-    uncalibrated_metrics = multiclass_metrics(labels, uncalibrated, metadata.classes)
+    uncalibrated_metrics = multiclass_metrics(labels, uncalibrated, metadata.classes, checkpoint=checkpoint)
     metrics["uncalibrated_logloss"] = uncalibrated_metrics["logloss"]
     metrics["ece_before_calibration"] = expected_calibration_error(labels, uncalibrated)
     metrics["ece_after_calibration"] = expected_calibration_error(labels, proba)
     # PR curves and reliability bins of the calibrated probabilities, for plots and the run report.
-    metrics["curves"] = holdout_curves(labels, proba, metadata.classes)
+    metrics["curves"] = holdout_curves(labels, proba, metadata.classes, checkpoint)
     metrics["genes"] = len(genes)
     metrics["models_loaded_one_at_a_time"] = ensemble.one_at_a_time
     metrics["seconds"] = time.monotonic() - started

@@ -1,6 +1,14 @@
-"""Classification metrics for multiclass probabilities, beside the class-prior baseline."""
+"""Classification metrics for multiclass probabilities, beside the class-prior baseline.
+
+The metrics run over every holdout row at once, after the streamed predictions, and each
+per-class ranking metric sorts or copies a column of all rows: ``checkpoint`` (the memory
+guard's cooperative check, when given) runs after each such step so a stage over its budget
+stops there rather than being killed.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, log_loss, precision_recall_curve, roc_auc_score
@@ -28,10 +36,20 @@ def best_f1(positives: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
 
 
-def per_gene_logloss_spread(genes: np.ndarray, labels: np.ndarray, proba: np.ndarray) -> dict:
+def _no_check() -> None:
+    pass
+
+
+def per_gene_logloss_spread(
+    genes: np.ndarray, labels: np.ndarray, proba: np.ndarray, checkpoint: Callable[[], None] | None = None
+) -> dict:
     """Spread of per-gene mean logloss: a model can be good on average and bad on many genes."""
+    checkpoint = checkpoint or _no_check
     row_loss = -np.log(np.clip(proba[np.arange(len(labels)), labels], _EPS, 1.0))
+    checkpoint()
+    # Sorting every row's gene id is the largest step here (a sorted copy plus the indices).
     _, inverse = np.unique(genes, return_inverse=True)
+    checkpoint()
     sums = np.bincount(inverse, weights=row_loss)
     counts = np.bincount(inverse)
     per_gene = sums / counts
@@ -46,14 +64,21 @@ def per_gene_logloss_spread(genes: np.ndarray, labels: np.ndarray, proba: np.nda
     }
 
 
-def multiclass_metrics(labels: np.ndarray, proba: np.ndarray, classes: list, genes: np.ndarray | None = None) -> dict:
+def multiclass_metrics(
+    labels: np.ndarray,
+    proba: np.ndarray,
+    classes: list,
+    genes: np.ndarray | None = None,
+    checkpoint: Callable[[], None] | None = None,
+) -> dict:
     """Multi-logloss, per-class PR-AUC (average precision), ROC-AUC, best F1, top-k accuracy,
     the confusion matrix and (given ``genes``) the per-gene logloss spread, beside baselines.
 
     The baseline predicts the class prior of ``labels`` for every row: its logloss is the
     entropy of the prior and its PR-AUC equals the class prevalence. A model that does not
-    beat it has learnt nothing.
+    beat it has learnt nothing. ``checkpoint`` runs per class and per step of the gene spread.
     """
+    checkpoint = checkpoint or _no_check
     labels = np.asarray(labels)
     n_classes = len(classes)
     proba = np.clip(np.asarray(proba, dtype=np.float64), _EPS, 1.0)
@@ -69,8 +94,9 @@ def multiclass_metrics(labels: np.ndarray, proba: np.ndarray, classes: list, gen
         "confusion_matrix": confusion_matrix(labels, proba.argmax(axis=1), labels=list(range(n_classes))).tolist(),
         "per_class": {},
     }
+    checkpoint()
     if genes is not None:
-        result["per_gene_logloss"] = per_gene_logloss_spread(np.asarray(genes), labels, proba)
+        result["per_gene_logloss"] = per_gene_logloss_spread(np.asarray(genes), labels, proba, checkpoint)
     for index, name in enumerate(classes):
         positives = labels == index
         entry = {"prevalence": float(prior[index]), "support": int(positives.sum())}
@@ -83,6 +109,7 @@ def multiclass_metrics(labels: np.ndarray, proba: np.ndarray, classes: list, gen
             for name_ in ("pr_auc", "roc_auc", "best_f1", "best_f1_threshold", "top_k_accuracy"):
                 entry[name_] = float("nan")
         result["per_class"][str(name)] = entry
+        checkpoint()
     return result
 
 
@@ -122,8 +149,12 @@ def reliability_bins(positives: np.ndarray, scores: np.ndarray, bins: int) -> di
     }
 
 
-def holdout_curves(labels: np.ndarray, proba: np.ndarray, classes: list) -> dict:
-    """Per class (by name): a down-sampled PR curve and reliability bins, for plots and reports."""
+def holdout_curves(
+    labels: np.ndarray, proba: np.ndarray, classes: list, checkpoint: Callable[[], None] | None = None
+) -> dict:
+    """Per class (by name): a down-sampled PR curve and reliability bins, for plots and reports;
+    ``checkpoint`` runs per class (sklearn's curve holds a point per distinct score)."""
+    checkpoint = checkpoint or _no_check
     labels = np.asarray(labels)
     proba = np.asarray(proba)
     curves: dict = {"pr": {}, "reliability": {}}
@@ -131,4 +162,5 @@ def holdout_curves(labels: np.ndarray, proba: np.ndarray, classes: list) -> dict
         positives = labels == index
         curves["pr"][str(name)] = pr_curve_points(positives, proba[:, index])
         curves["reliability"][str(name)] = reliability_bins(positives, proba[:, index], ECE_BINS)
+        checkpoint()
     return curves

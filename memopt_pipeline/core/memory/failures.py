@@ -62,3 +62,35 @@ def exit_is_out_of_memory(returncode: int | None, output: str = "") -> bool:
     if returncode in (-signal.SIGABRT, 128 + signal.SIGABRT):
         return "memory allocation of" in output or bool(_OOM_TEXT.search(output))
     return bool(returncode) and text_is_out_of_memory(output)
+
+
+def text_is_kill(text: str) -> bool:
+    """True when failure text says a process was killed by SIGKILL (exit -9 / 137)."""
+    return bool(text) and bool(_KILLED_TEXT.search(text))
+
+
+# A kill counts as out-of-memory when the step's last RSS sample was at least this share of the
+# budget: above the guard's cleanup threshold, where only allocation pressure puts a process.
+KILL_EVIDENCE_FRACTION = 0.7
+
+
+def classify_kill(
+    heartbeat: dict | None, oom_kills_before: int | None = None, oom_kills_after: int | None = None
+) -> tuple[bool, str]:
+    """(out of memory?, why) for a step process killed by SIGKILL.
+
+    SIGKILL is what the kernel's OOM killer sends, but also what ``kill -9``, a scheduler's
+    grace-period expiry or a node drain send. It counts as out-of-memory only with evidence: the
+    cgroup's OOM-kill counter went up while the step ran, or the last RSS sample the step's
+    memory guard left in its heartbeat (``StageMonitor``) was near the budget.
+    """
+    if oom_kills_before is not None and oom_kills_after is not None and oom_kills_after > oom_kills_before:
+        return True, f"the kernel's OOM killer fired ({oom_kills_after - oom_kills_before} OOM kill(s) in this cgroup)"
+    if heartbeat:
+        rss, budget = heartbeat.get("rss_bytes", 0), heartbeat.get("budget_bytes") or 1
+        share = rss / budget
+        numbers = f"last RSS sample {rss / 2**30:.2f} GiB, {share:.0%} of the {budget / 2**30:.2f} GiB budget"
+        if share >= KILL_EVIDENCE_FRACTION:
+            return True, f"out of memory: {numbers}"
+        return False, f"killed, not out of memory: {numbers}"
+    return False, "killed, not out of memory: no memory evidence (no guard heartbeat, no OOM-kill count)"

@@ -99,3 +99,36 @@ def resolve_budget_bytes(budget_gb: float | None, fraction: float = DEFAULT_BUDG
             f"leave it empty to use {fraction:.0%} of available memory"
         )
     return int(budget_gb * GiB)
+
+
+def cgroup_oom_kill_count(
+    proc_self_cgroup: str | os.PathLike = "/proc/self/cgroup",
+    cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+) -> int | None:
+    """The kernel's count of OOM kills in this process's cgroup, or None where it cannot be read.
+
+    cgroup v2: ``oom_kill`` in ``memory.events``; v1: ``oom_kill`` in ``memory.oom_control`` of the
+    memory controller's cgroup."""
+    try:
+        lines = Path(proc_self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            candidates.append(Path(cgroup_root) / parts[2].strip("/") / "memory.events")
+        elif "memory" in parts[1].split(","):
+            candidates.append(Path(cgroup_root) / "memory" / parts[2].strip("/") / "memory.oom_control")
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None

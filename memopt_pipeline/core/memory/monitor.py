@@ -18,10 +18,13 @@ observes. No Dagster import here: a Dagster resource wraps this module.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 # release_memory, reset_kernel_peak and kernel_peak_rss_bytes are called through this
@@ -32,6 +35,7 @@ from memopt_pipeline.core.memory.release import release_memory
 from memopt_pipeline.core.units import GiB
 
 TIMELINE_MAX_POINTS = 2000
+HEARTBEAT_INTERVAL_S = 1.0
 # Fractions of the budget: the defaults of Thresholds and of the MemoryGuard resource.
 DEFAULT_CLEANUP_FRACTION = 0.7
 DEFAULT_ABORT_FRACTION = 0.9
@@ -93,6 +97,7 @@ class StageMonitor:
         sampler: bool = True,
         on_cleanup: Callable[[dict], None] | None = None,
         advice: str = "",
+        heartbeat_path: str | Path | None = None,
     ):
         if not (budget_bytes > 0):
             raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
@@ -109,6 +114,10 @@ class StageMonitor:
         self._use_kernel_peak = use_kernel_peak
         self._sampler_enabled = sampler
         self._on_cleanup = on_cleanup
+        # The last RSS sample, rewritten about once a second: if the process is SIGKILLed, the
+        # file is the evidence that says whether memory was the reason (failures.classify_kill).
+        self._heartbeat_path = Path(heartbeat_path) if heartbeat_path else None
+        self._last_heartbeat = -math.inf
 
         # Written by both the sampler thread and check(): guarded by _lock.
         self._lock = threading.Lock()
@@ -157,11 +166,36 @@ class StageMonitor:
         # Returning None lets any exception from the stage propagate.
 
     def _sample_until_stopped(self) -> None:
+        self._write_heartbeat(self._last_rss)
         while not self._stop.wait(self._interval_s):
             rss = self._observe()
             if rss > self.abort_bytes:
                 with self._lock:
                     self._unchecked_spike_rss = max(self._unchecked_spike_rss, rss)
+            self._write_heartbeat(rss)
+
+    def _write_heartbeat(self, rss: int) -> None:
+        now = time.monotonic()
+        if self._heartbeat_path is None or now - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
+            return
+        self._last_heartbeat = now
+        beat = {
+            "pid": os.getpid(),
+            "stage": self.stage,
+            "rss_bytes": rss,
+            "peak_rss_bytes": self._peak_sampled,
+            "budget_bytes": self.budget_bytes,
+            "cleanup_bytes": self.cleanup_bytes,
+            "abort_bytes": self.abort_bytes,
+            "time": time.time(),
+        }
+        try:
+            self._heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._heartbeat_path.with_name(self._heartbeat_path.name + ".tmp")
+            tmp.write_text(json.dumps(beat))
+            os.replace(tmp, self._heartbeat_path)
+        except OSError:  # evidence is best effort: never fail a stage over it
+            pass
 
     def _observe(self) -> int:
         """Read RSS once and record it in the peak and the timeline."""

@@ -2,6 +2,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from memopt_pipeline.core.data import dataset as dataset_module
 from memopt_pipeline.core.data.dataset import DatasetError, list_shards, scan_dataset
 from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN
 
@@ -96,3 +97,40 @@ def test_missing_path_and_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"no \*\.parquet files"):
         list_shards(tmp_path / "empty")
+
+
+class _Stop(Exception):
+    """What a test's checkpoint raises, as the memory guard's check raises MemoryBudgetExceeded."""
+
+
+def test_checkpoint_runs_per_batch_of_gene_and_label_values(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_module, "_METADATA_SCAN_BATCH_ROWS", 300)  # several batches per shard
+    shards = list_shards(tiny_dataset)
+    batches = sum(
+        sum(1 for _ in pq.ParquetFile(path).iter_batches(batch_size=300, columns=[GENE_COLUMN])) for path in shards
+    )
+    assert batches > len(shards)
+    calls = []
+    scan_dataset(
+        shards, gene_column=GENE_COLUMN, label_column=LABEL_COLUMN, gene_stats_path=tmp_path / "stats.parquet",
+        checkpoint=lambda: calls.append(1),
+    )
+    assert len(calls) == batches + 1  # and once the per-gene counts are merged
+
+
+def test_a_checkpoint_that_raises_stops_the_scan_part_way(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_module, "_METADATA_SCAN_BATCH_ROWS", 300)
+    calls, lines = [], []
+
+    def checkpoint():
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        scan_dataset(
+            list_shards(tiny_dataset), gene_column=GENE_COLUMN, label_column=LABEL_COLUMN,
+            gene_stats_path=tmp_path / "stats.parquet", checkpoint=checkpoint, progress=lines.append,
+        )
+    assert not lines  # stopped inside the first shard
+    assert not (tmp_path / "stats.parquet").exists()

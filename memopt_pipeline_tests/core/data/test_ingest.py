@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,36 @@ def test_memory_is_bounded_by_blocks_not_by_the_file(tmp_path):
         assert kernel_growth < BIG_BOUND
     if whole_file is not None:  # the test discriminates: holding the file would fail it
         assert whole_file > 1.3 * BIG_BOUND
+
+
+class _Stop(Exception):
+    """What a test's checkpoint raises, as the memory guard's check raises MemoryBudgetExceeded."""
+
+
+def test_checkpoint_runs_per_block_of_both_passes_and_per_shard_written(source, source_csv, tmp_path):
+    callers = []
+    result = _ingest(
+        source_csv, tmp_path / "out", rows_per_shard=source.num_rows // 4,
+        checkpoint=lambda: callers.append(sys._getframe(1).f_code.co_name),
+    )
+    counts = Counter(callers)
+    assert set(counts) == {"count_genes", "spill", "write_shards"}
+    assert counts["count_genes"] >= 3  # every block of pass 1, not once per file
+    assert counts["spill"] == counts["count_genes"]  # the same blocks again in pass 2
+    assert counts["write_shards"] >= 2 * len(result.shards)  # each shard read, then each row group written
+
+
+def test_a_checkpoint_that_raises_stops_the_ingest_part_way_and_cleans_up(source, source_csv, tmp_path):
+    out = tmp_path / "out"
+    calls, lines = [], []
+
+    def checkpoint():
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _ingest(source_csv, out, rows_per_shard=source.num_rows // 4, checkpoint=checkpoint, progress=lines.append)
+    assert len(calls) == 5  # stopped at the check that raised
+    assert not list(out.glob("part-*.parquet")) and not list(out.glob(".ingest-spill-*"))
+    assert not any("shard 1/" in line for line in lines)

@@ -1,6 +1,9 @@
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
@@ -53,3 +56,30 @@ def test_demo_data_has_no_leaky_feature(tiny_metadata):
     result = screen_features(BatchReader(tiny_metadata), genes, sample_rows=3_000)
     assert not result.leaky  # the base-model scores are informative but not leaky
     assert "donor_score" in result.kept and "acceptor_score" in result.kept
+
+
+class _Stop(Exception):
+    """What a test's checkpoint raises, as the memory guard's check raises MemoryBudgetExceeded."""
+
+
+def test_checkpoint_runs_per_class_of_the_auc_and_after_the_correlations(tmp_path):
+    meta, genes = _dataset(tmp_path)
+    callers = []
+    screen_features(
+        BatchReader(meta), genes, sample_rows=1_000, checkpoint=lambda: callers.append(sys._getframe(1).f_code.co_name)
+    )
+    assert callers == ["single_feature_auc"] * meta.n_classes + ["screen_features"]
+
+
+def test_a_checkpoint_that_raises_stops_the_screening(tmp_path):
+    meta, genes = _dataset(tmp_path)
+    calls = []
+
+    def checkpoint():
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        screen_features(BatchReader(meta), genes, sample_rows=1_000, checkpoint=checkpoint)
+    assert len(calls) == 2

@@ -1,8 +1,10 @@
 import math
+import sys
 
 import numpy as np
+import pytest
 
-from memopt_pipeline.core.evaluate.metrics import multiclass_metrics
+from memopt_pipeline.core.evaluate.metrics import holdout_curves, multiclass_metrics
 
 
 def test_perfect_and_prior_predictions():
@@ -81,3 +83,47 @@ def test_reliability_bins_agree_with_the_reported_ece():
         weighted_gap = np.sum(np.array(bins["count"]) * np.abs(np.array(bins["mean_predicted"]) - bins["fraction_positive"]))
         assert weighted_gap / len(labels) == pytest.approx(ece[k], rel=1e-9)
         assert curves["pr"][name]["recall"][0] == 1.0
+
+
+class _Stop(Exception):
+    """What a test's checkpoint raises, as the memory guard's check raises MemoryBudgetExceeded."""
+
+
+def _holdout_like(rows=3_000, classes=3):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, classes, rows)
+    proba = rng.dirichlet(np.ones(classes), rows)
+    genes = np.array([f"g{i // 30:04d}" for i in range(rows)], dtype=object)
+    return labels, proba, genes
+
+
+def test_checkpoint_runs_per_class_and_per_step_of_the_gene_spread():
+    labels, proba, genes = _holdout_like()
+    callers = []
+
+    def record():
+        callers.append(sys._getframe(1).f_code.co_name)
+
+    multiclass_metrics(labels, proba, ["neither", "donor", "acceptor"], genes=genes, checkpoint=record)
+    assert callers == ["multiclass_metrics"] + ["per_gene_logloss_spread"] * 2 + ["multiclass_metrics"] * 3
+    callers.clear()
+    holdout_curves(labels, proba, ["neither", "donor", "acceptor"], checkpoint=record)
+    assert callers == ["holdout_curves"] * 3
+
+
+def test_a_checkpoint_that_raises_stops_the_metrics_part_way():
+    labels, proba, genes = _holdout_like()
+    for computation, stop_at in (
+        (lambda check: multiclass_metrics(labels, proba, ["a", "b", "c"], genes=genes, checkpoint=check), 4),
+        (lambda check: holdout_curves(labels, proba, ["a", "b", "c"], checkpoint=check), 2),
+    ):
+        calls = []
+
+        def checkpoint():
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise _Stop
+
+        with pytest.raises(_Stop):
+            computation(checkpoint)
+        assert len(calls) == stop_at

@@ -26,7 +26,10 @@ Passes
    file becomes one sorted shard (:mod:`.shard_writer`) and ``_ingest.json`` is written last
    (:mod:`.manifest`), so an unchanged input is reused next time.
 
-The spill folder is removed on success and on error. No Dagster import here.
+``checkpoint`` (the memory guard's cooperative check, if given) runs after every parsed block
+of both passes and for every shard written, in the calling thread, so a stage over its budget
+stops there with a clean, retryable error; the spill folder is removed on success and on
+error. No Dagster import here.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ MIN_BLOCK_BYTES = 1024
 BLOCKS_PER_BUDGET = 64  # block_bytes <= budget / 64: the few blocks in flight stay far below it
 
 
+def _no_check() -> None:
+    pass
+
+
 @dataclass
 class IngestResult:
     shards: list[Path]
@@ -83,13 +90,14 @@ class IngestResult:
 class _Ingest:
     """State of one ingest_csv call: headers, types, pass 1 and pass 2 (see the module docstring)."""
 
-    def __init__(self, files, spill_dir, gene_column, budget_bytes, block_bytes, tracker):
+    def __init__(self, files, spill_dir, gene_column, budget_bytes, block_bytes, tracker, checkpoint):
         self.files: list[Path] = files
         self.spill_dir: Path = spill_dir
         self.gene_column: str = gene_column
         self.budget_bytes: int = budget_bytes
         self.block_bytes: int = block_bytes
         self.tracker: IngestProgress = tracker
+        self.checkpoint: Callable[[], None] = checkpoint
         self.parse_options = pacsv.ParseOptions()
         self.names: list[str] = []
         self.headers: dict[Path, list[str]] = {}
@@ -127,6 +135,7 @@ class _Ingest:
                     )
                     rows += batch.num_rows
                     self.tracker.advance(batch.num_rows)
+                    self.checkpoint()
             self.file_rows[path] = rows
             if rows == 0 and len(self.files) > 1:
                 self.tracker.log(f"ingest: {path} has a header but no rows; skipping it")
@@ -181,6 +190,7 @@ class _Ingest:
                                 spills.new_generation()
                             self._route(batch, gene_index, starts, lo, hi, routed, spills, path)
                             self.tracker.advance(batch.num_rows)
+                            self.checkpoint()
                 spills.close()
         finally:
             spills.close()
@@ -236,6 +246,7 @@ def ingest_csv(
     rows_per_shard: int | None = None,
     block_bytes: int = 16 * 2**20,
     progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> IngestResult:
     """Ingest a CSV file, ``.csv.gz`` or folder of them into gene-sorted ``out_dir/part-*.parquet``.
 
@@ -244,6 +255,7 @@ def ingest_csv(
     ``out_dir`` belongs to the ingest: ``part-*.parquet`` files of a different earlier ingest
     are removed. An identical earlier ingest (same files, sizes, mtimes, gene column) is
     reused. Raises :class:`DatasetError` for input that cannot be used, naming file and fix.
+    ``checkpoint`` runs per parsed block and per shard written (see the module docstring).
     """
     started = time.monotonic()
     if not (budget_bytes > 0):
@@ -287,7 +299,8 @@ def ingest_csv(
     remove_stale_spills(out_dir)
     spill_dir = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=out_dir))
     try:
-        job = _Ingest(files, spill_dir, gene_column, budget_bytes, block_bytes, tracker)
+        checkpoint = checkpoint or _no_check
+        job = _Ingest(files, spill_dir, gene_column, budget_bytes, block_bytes, tracker, checkpoint)
         job.check_headers()
         job.infer_types()
         job.count_genes()
@@ -311,7 +324,7 @@ def ingest_csv(
         if source_entries(files) != sources:
             raise DatasetError(f"{path}: the CSV input changed while it was ingested; re-run once it is complete")
         remove_previous_output(out_dir)
-        shards = write_shards(out_dir, ranges, spills, job.schema(), gene_column, tracker)
+        shards = write_shards(out_dir, ranges, spills, job.schema(), gene_column, tracker, checkpoint=checkpoint)
         write_manifest(
             out_dir,
             gene_column=gene_column,

@@ -3,12 +3,14 @@
 Range by range, the spill file is read (bounded by ``rows_per_shard``), sorted by gene then
 ``position`` (if that column exists) and written in 65,536-row slices (zstd, one row group per
 slice, dictionary pages capped at 128 KiB per column) through :func:`storage.atomic_path`; the
-spill file is then deleted. Peak memory here is one shard plus one row group.
+spill file is then deleted. Peak memory here is one shard plus one row group. ``checkpoint``
+runs once a shard is in memory (its largest moment) and after each row group written.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,6 +35,8 @@ def write_shards(
     schema: pa.Schema,
     gene_column: str,
     tracker: IngestProgress,
+    *,
+    checkpoint: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Write ``out_dir/part-NNNNN.parquet`` for every range, deleting its spill files; the shard paths."""
     sort_keys = [(gene_column, "ascending")]
@@ -43,6 +47,8 @@ def write_shards(
         table = spills.read(index, schema)
         tracker.sample()
         order = pc.sort_indices(table, sort_keys=sort_keys)
+        if checkpoint is not None:
+            checkpoint()
         destination = out_dir / SHARD_NAME.format(index)
         with atomic_path(destination) as tmp:
             with pq.ParquetWriter(
@@ -53,6 +59,8 @@ def write_shards(
                     writer.write_table(part, row_group_size=OUTPUT_ROW_GROUP_ROWS)
                     tracker.sample()
                     del part
+                    if checkpoint is not None:
+                        checkpoint()
         rows = table.num_rows
         del table, order
         spills.remove(index)
