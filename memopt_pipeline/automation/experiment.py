@@ -15,6 +15,7 @@ their pool slots, so a killed run never blocks the next one.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import time
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import dagster as dg
+import psutil
 import yaml
 from dagster._core.instance.ref import InstanceRef
 
+from memopt_pipeline.resources.memory_guard import HEARTBEAT_FOLDER
 from memopt_pipeline.resources.storage import OUTPUT_DIR_ENV, default_output_dir
 
 INSTANCE_FOLDER = ".dagster"
@@ -140,6 +143,7 @@ def recover_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None]) 
             f"the memopt run process that launched it (pid {run.tags.get(PID_TAG, '?')}) is gone: killed or "
             f"crashed; marked failed by the next memopt run (pid {me}), which resumes from the last checkpoints"
         )
+        _stop_orphaned_steps(instance, run.run_id, log)
         instance.report_run_failed(run, message=reason)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         log(f"memopt: run {run.run_id} ({run.job_name}) was left unfinished: {reason}")
@@ -154,6 +158,25 @@ def recover_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None]) 
                     storage.free_concurrency_slots_for_run(run_id)
                     log(f"memopt: freed the '{pool}' pool of finished run {run_id}")
     return recovered
+
+
+def _stop_orphaned_steps(instance: dg.DagsterInstance, run_id: str, log: Callable[[str], None]) -> None:
+    """A step process can outlive the `memopt run` that started it (a SIGKILL reaches one process
+    only). Its guard's heartbeat names its pid: stop it before the stage runs again, so two
+    processes never train the same stage at once."""
+    for beat_file in (Path(instance.root_directory) / HEARTBEAT_FOLDER).glob(f"{run_id}.*.json"):
+        try:
+            beat = json.loads(beat_file.read_text())
+            pid = beat["pid"]
+            process = psutil.Process(pid)
+            # A pid the kernel has given to another process since is not the step.
+            if process.create_time() > beat["time"] or "python" not in process.name().lower():
+                continue
+            process.kill()
+            process.wait(10)
+            log(f"memopt: stopped step process {pid} left running by the dead run {run_id}")
+        except (OSError, ValueError, KeyError, psutil.Error):
+            continue
 
 
 def wait_for_pool(instance: dg.DagsterInstance, pool: str, log: Callable[[str], None]) -> None:

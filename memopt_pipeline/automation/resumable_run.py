@@ -75,7 +75,7 @@ def _was_interrupted(result: dg.ExecuteJobResult) -> bool:
     for event in result.all_events:
         if event.event_type == dg.DagsterEventType.STEP_FAILURE:
             error = event.step_failure_data.error
-            if error is not None and error.cls_name in _INTERRUPT_ERRORS:
+            if error is not None and (error.cls_name in _INTERRUPT_ERRORS or "stopped by signal" in error.message):
                 return True
         elif event.event_type == dg.DagsterEventType.ENGINE_EVENT and "termination signal" in (event.message or ""):
             return True

@@ -95,8 +95,10 @@ def build_k8s_definitions(margin: float | None = None, resources: dict | None = 
 
     def run_config_for_instance(partition_key: str) -> dict:
         try:
-            plan = k8s_defs.load_asset_value("memory_plan")
-            assignment = k8s_defs.load_asset_value("instance_assignment")
+            # Values are found through the instance's latest materializations (immutable checkpoints).
+            with dg.DagsterInstance.get() as instance:
+                plan = k8s_defs.load_asset_value("memory_plan", instance=instance)
+                assignment = k8s_defs.load_asset_value("instance_assignment", instance=instance)
         except Exception as error:  # the values are read from the IO manager's storage
             raise RuntimeError(
                 f"cannot size the pod of {INSTANCE_OP} [{partition_key}]: the materialized memory_plan and "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
 from memopt_pipeline.core.memory.failures import exception_is_out_of_memory
@@ -131,26 +132,34 @@ class MemoryGuard(dg.ConfigurableResource):
                 allow_retries=False,
             )
         try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(stop_on_sigterm())
-                if self.hard_cap:
-                    cap = stack.enter_context(hard_memory_cap(budget))
-                    if cap is not None:
-                        context.log.debug(f"{name}: data segment capped at {cap / GiB:.2f} GiB")
-                stack.enter_context(monitor)
-                yield monitor
-        except Exception as error:
-            if exception_is_out_of_memory(error):
-                # Retryable: the asset's RetryPolicy re-runs the step one ladder level lower.
-                context.log.error(f"{name}: out of memory ({type(error).__name__}: {error})")
-                raise
-            # Anything else would fail the same way again: no retry at a lower memory level.
-            raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
-        finally:
-            released = release_memory()
-            warning = self._leak_tracker(budget).record(name, released["rss_after"])
-            if warning:
-                context.log.warning(warning)
+            try:
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(stop_on_sigterm())
+                    if self.hard_cap:
+                        cap = stack.enter_context(hard_memory_cap(budget))
+                        if cap is not None:
+                            context.log.debug(f"{name}: data segment capped at {cap / GiB:.2f} GiB")
+                    stack.enter_context(monitor)
+                    yield monitor
+            except Exception as error:
+                if exception_is_out_of_memory(error):
+                    # Retryable: the asset's RetryPolicy re-runs the step one ladder level lower.
+                    context.log.error(f"{name}: out of memory ({type(error).__name__}: {error})")
+                    raise
+                # Anything else would fail the same way again: no retry at a lower memory level.
+                raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
+            finally:
+                released = release_memory()
+                warning = self._leak_tracker(budget).record(name, released["rss_after"])
+                if warning:
+                    context.log.warning(warning)
+        except (KeyboardInterrupt, DagsterExecutionInterruptedError) as stop:
+            # Dagster's RetryPolicy also retries interrupts, and a retry is one ladder level lower: a stop
+            # signal is not a lack of memory, so it ends the step without a retry.
+            raise dg.Failure(
+                description=f"{name}: stopped by signal ({type(stop).__name__}), not out of memory; run again to resume",
+                allow_retries=False,
+            ) from None
 
     def _leak_tracker(self, budget: int) -> LeakTracker:
         global _LEAKS

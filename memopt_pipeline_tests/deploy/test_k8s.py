@@ -27,14 +27,28 @@ def _k8s_defs(output: Path, margin: float | None = 0.25) -> dg.Definitions:
 
 
 @pytest.fixture
-def materialized_plan(tmp_path):
-    """A plan and an instance assignment, written where the code location's IO manager reads them."""
+def materialized_plan(tmp_path, monkeypatch):
+    """A plan and an instance assignment, materialized (through the code location's IO manager) into
+    the instance the code location uses ($DAGSTER_HOME)."""
     plan = make_plan(dataset_rows=3_000_000, n_features=300, n_classes=3, budget_bytes=8 * GiB, baseline_bytes=GiB // 3)
     rows = {"instance_0": plan.max_rows_per_instance, "instance_1": plan.max_rows_per_instance // 2}
     assignment = {"instances": {key: {"genes": [f"g{key}"], "rows": n} for key, n in rows.items()}}
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+
+    @dg.asset(name="memory_plan")
+    def stand_in_plan() -> dict:
+        return plan.to_dict()
+
+    @dg.asset(name="instance_assignment")
+    def stand_in_assignment() -> dict:
+        return assignment
+
     io_manager = build_resources(output_dir=str(tmp_path))["io_manager"]
-    for key, value in (("memory_plan", plan.to_dict()), ("instance_assignment", assignment)):
-        io_manager.handle_output(dg.build_output_context(asset_key=dg.AssetKey(key)), value)
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize([stand_in_plan, stand_in_assignment], instance=instance, resources={"io_manager": io_manager})
+    assert result.success
     return plan, rows
 
 

@@ -1,11 +1,13 @@
-"""A real step process SIGKILLed mid-training (what the kernel's OOM killer does).
+"""A real step process SIGKILLed mid-training (what the kernel's OOM killer does, and `kill -9`).
 
 Runs with Dagster's multiprocess executor, so every step is its own OS process, and kills
-the instance_model process of one partition from outside while it trains. Expected: the
-crash is classified out-of-memory, only that partition's step runs again (one ladder level
-lower), and the final ensemble equals the one of a run that was never killed.
+the instance_model process of one partition from outside while it trains. Expected: only that
+partition's step runs again, one ladder level lower when the guard's heartbeat shows memory
+near the budget (the OOM killer's evidence), at the same level when it does not; and the final
+ensemble equals the one of a run that was never killed.
 """
 
+import json
 import threading
 import time
 
@@ -15,6 +17,7 @@ import pytest
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
 from memopt_pipeline.core.memory.failures import text_is_out_of_memory
+from memopt_pipeline.resources.memory_guard import heartbeat_path
 from memopt_pipeline_tests.checkpoint_layout import latest_value
 
 TRAINING = {"cv_folds": {"config": {"n_folds": 2}}, "instance_model": {"config": {"max_rounds": 150, "early_stopping_rounds": 150, "learning_rate": 0.03, "num_threads": 1}}}
@@ -44,7 +47,7 @@ def _run(instance, job_fn, run_config, partition=None):
     return result
 
 
-def _pipeline(instance, dataset, kill_partition=None):
+def _pipeline(instance, dataset, kill_partition=None, evidence=False):
     prepare = _run(instance, prepare_instances, {"ops": {
         "source_dataset": {"config": {"path": str(dataset)}},
         "gene_split": {"config": {"sample_genes": 16}},
@@ -53,7 +56,7 @@ def _pipeline(instance, dataset, kill_partition=None):
     assert prepare.success
     train_runs = {}
     for partition in instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME):
-        killer = _Killer(instance) if partition == kill_partition else None
+        killer = _Killer(instance, evidence) if partition == kill_partition else None
         if killer:
             killer.start()
         train_runs[partition] = _run(instance, train_instances, {"ops": TRAINING}, partition)
@@ -66,11 +69,14 @@ def _pipeline(instance, dataset, kill_partition=None):
 
 
 class _Killer(threading.Thread):
-    """SIGKILLs the instance_model step process one second after that step starts."""
+    """SIGKILLs the instance_model step process one second after that step starts. With
+    ``evidence``, the step's heartbeat first says RSS was at 95% of the budget, as the guard's
+    sampler would have recorded it just before a kernel OOM kill."""
 
-    def __init__(self, instance):
+    def __init__(self, instance, evidence=False):
         super().__init__(daemon=True)
         self.instance = instance
+        self.evidence = evidence
         self.killed = []
         self.started_at = time.time()
 
@@ -80,8 +86,14 @@ class _Killer(threading.Thread):
             records = self.instance.get_event_records(
                 dg.EventRecordsFilter(event_type=dg.DagsterEventType.STEP_START), limit=20, ascending=False
             )
-            if any(r.event_log_entry.step_key == "instance_model" and r.timestamp >= self.started_at for r in records):
+            starts = [r for r in records if r.event_log_entry.step_key == "instance_model" and r.timestamp >= self.started_at]
+            if starts:
                 time.sleep(1.0)
+                if self.evidence:
+                    beat_file = heartbeat_path(self.instance, starts[0].event_log_entry.run_id, "instance_model")
+                    beat = json.loads(beat_file.read_text())
+                    beat["rss_bytes"] = int(0.95 * beat["budget_bytes"])
+                    beat_file.write_text(json.dumps(beat))
                 for child in psutil.Process().children(recursive=True):
                     if "spawn_main" in " ".join(child.cmdline()):
                         child.kill()
@@ -97,9 +109,12 @@ def output_dir(tmp_path, monkeypatch):
     return tmp_path / "out"
 
 
-def test_sigkilled_instance_step_is_out_of_memory_and_only_that_partition_reruns(tiny_dataset, tmp_path, output_dir, monkeypatch):
+@pytest.mark.parametrize("evidence, level", [(True, 1), (False, 0)], ids=["near-the-budget", "far-below-the-budget"])
+def test_sigkilled_instance_step_reruns_only_that_partition_at_the_level_the_evidence_says(
+    tiny_dataset, tmp_path, output_dir, monkeypatch, evidence, level
+):
     with dg.instance_for_test() as instance:
-        runs = _pipeline(instance, tiny_dataset, kill_partition="instance_1")
+        runs = _pipeline(instance, tiny_dataset, kill_partition="instance_1", evidence=evidence)
         killed_run = runs["instance_1"]
         assert killed_run.killed, "the step process was not found to kill"
         assert killed_run.success  # the step's RetryPolicy re-ran it one ladder level lower
@@ -113,7 +128,7 @@ def test_sigkilled_instance_step_is_out_of_memory_and_only_that_partition_reruns
         materialized = instance.get_materialized_partitions(dg.AssetKey("instance_model"))
         assert materialized == {"instance_0", "instance_1"}
         killed_card = latest_value(instance, "instance_model", "instance_1")
-        assert killed_card["ladder"]["level"] == 1
+        assert killed_card["ladder"]["level"] == level
         killed_holdout = latest_value(instance, "holdout_evaluation")
 
     clean_output = tmp_path / "clean_out"
