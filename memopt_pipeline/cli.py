@@ -143,7 +143,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parallel", action="store_true",
         help="train instance models side by side, as many at once as the plan's predicted peaks fit the budget "
-        "(each in its own process)",
+        "(each in its own process); this mode runs every stage again (no resume)",
     )
     parser.add_argument(
         "--objective", choices=["softmax", "ovr"], default="softmax", help="multiclass softmax or one-vs-rest"
@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to dagster dev")
     demo = commands.add_parser("demo-data", help="generate the demo dataset")
     demo.add_argument("out_dir", nargs="?", default="data/demo")
-    args = parser.parse_args(argv)
+    # `memopt ui -p 3457`: options that `memopt ui` does not know are dagster dev's.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "ui":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "ui":
+        args.extra = [*unknown, *args.extra]
 
     if args.command == "run":
         return _run_command(args)

@@ -18,13 +18,13 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
 
 import dagster as dg
 
 from memopt_pipeline.assets.dataset import DatasetConfig, source_version_settings
 from memopt_pipeline.assets.versioning import CONFIG_VERSION_TAG, config_version
 from memopt_pipeline.resources import MemoryGuard
+from memopt_pipeline.resources.checkpoints import latest_materialization, recorded_value_path, strings_in
 
 CODE_VERSION_TAG = "dagster/code_version"
 DATA_VERSION_TAG = "dagster/data_version"
@@ -52,35 +52,18 @@ def config_class(assets_def: dg.AssetsDefinition) -> type[dg.Config] | None:
 
 
 def latest_record(instance: dg.DagsterInstance, asset: str, partition: str | None = None):
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=1,
-    ).records
-    return records[0] if records else None
+    return latest_materialization(instance, dg.AssetKey(asset), partition)
 
 
 def _tags(record) -> dict[str, str]:
     return dict(record.asset_materialization.tags or {}) if record else {}
 
 
-def _paths_in(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _paths_in(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _paths_in(item)
-
-
 def missing_files(record, output_dir: Path) -> list[str]:
     """Files a materialization wrote or points to, under the output folder, that are gone."""
-    metadata = record.asset_materialization.metadata
-    value_path = metadata.get("path")
-    if value_path is None:
+    value_file = recorded_value_path(record)
+    if value_file is None:
         return []
-    value_file = Path(str(value_path.value))
     if not value_file.is_file():
         return [str(value_file)]
     try:
@@ -88,7 +71,7 @@ def missing_files(record, output_dir: Path) -> list[str]:
     except (OSError, json.JSONDecodeError):
         return [str(value_file)]
     root = str(output_dir)
-    return [p for p in set(_paths_in(value)) if p.startswith(root + "/") and not Path(p).exists()]
+    return [p for p in set(strings_in(value)) if p.startswith(root + "/") and not Path(p).exists()]
 
 
 class ResumePlanner:

@@ -53,22 +53,23 @@ def latest_materializations(instance: dg.DagsterInstance) -> list[dg.EventLogRec
     return list(latest.values())
 
 
-def _strings(value: Any) -> Iterator[str]:
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string inside a JSON-like value (dicts, lists, tuples), depth first."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _strings(item)
+            yield from strings_in(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _strings(item)
+            yield from strings_in(item)
 
 
 def _absolute_paths(values: Iterable[Any]) -> set[Path]:
     """Every absolute path named by a string in ``values`` (values and metadata store resolved paths)."""
     paths = set()
     for value in values:
-        for text in _strings(value):
+        for text in strings_in(value):
             if len(text) < MAX_PATH_CHARS and "\n" not in text and os.path.isabs(text):
                 paths.add(Path(os.path.normpath(text)))
     return paths

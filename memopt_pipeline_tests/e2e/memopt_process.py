@@ -14,6 +14,7 @@ import psutil
 from dagster._core.instance.ref import InstanceRef
 
 from memopt_pipeline.automation.experiment import INSTANCE_FOLDER
+from memopt_pipeline_tests import checkpoint_layout
 
 FIRST_INSTANCE_TRAINING = "instance_model [instance_0]: budget"
 SECOND_INSTANCE_TRAINING = "instance_model [instance_1]: budget"
@@ -105,15 +106,8 @@ def materialization_counts(output: Path) -> dict[str, int]:
 
 
 def latest_value(output: Path, asset: str, partition: str | None = None) -> dict:
-    import json
-
-    from memopt_pipeline.automation.resume import latest_record
-
     with experiment_instance(output) as instance:
-        record = latest_record(instance, asset, partition)
-        assert record is not None, f"{asset} [{partition}] was never materialized"
-        path = record.asset_materialization.metadata["path"].value
-    return json.loads(Path(path).read_text())
+        return checkpoint_layout.latest_value(instance, asset, partition)
 
 
 def runs_of(output: Path) -> list[dg.DagsterRun]:

@@ -191,3 +191,43 @@ def test_kill_9_at_20_random_moments(tiny_dataset, reference, tmp_path):
     assert latest_value(output, "holdout_evaluation")["logloss"] == pytest.approx(
         latest_value(reference, "holdout_evaluation")["logloss"], rel=1e-9
     )
+
+
+def _planned(reference: Path, args: list[str], force: bool = False) -> dict[str, str]:
+    """What a `memopt run` with ``args`` would do on the reference experiment (nothing is run)."""
+    import argparse
+
+    from memopt_pipeline import cli
+    from memopt_pipeline.assets import FINALIZE_ASSETS, INSTANCE_ASSETS, PREPARE_ASSETS
+    from memopt_pipeline.automation.resume import ResumePlanner
+    from memopt_pipeline.resources import MemoryGuard
+
+    parser = argparse.ArgumentParser()
+    cli._add_run_arguments(parser)
+    parsed = parser.parse_args(args[1:])
+    with experiment_instance(reference) as instance:
+        planner = ResumePlanner(
+            instance, [*PREPARE_ASSETS, *INSTANCE_ASSETS, *FINALIZE_ASSETS], ops_config=cli._run_config(parsed)["ops"],
+            memory_guard=MemoryGuard(budget_gb=parsed.budget_gb), output_dir=reference, force=force,
+        )
+        for assets in (PREPARE_ASSETS, INSTANCE_ASSETS, FINALIZE_ASSETS):
+            for assets_def in assets:
+                partitions = ["instance_0", "instance_1"] if assets_def.partitions_def else [None]
+                for partition in partitions:
+                    planner.decide(assets_def.key.to_user_string(), partition)
+    return {d.label: ("reuse" if d.reuse else d.reason) for d in planner.decisions}
+
+
+def test_changing_max_rounds_makes_training_and_what_follows_stale_not_the_dataset_stages(tiny_dataset, reference):
+    args = memopt_args(tiny_dataset, reference)
+    assert set(_planned(reference, args).values()) == {"reuse"}
+    args[args.index("--max-rounds") + 1] = "41"
+    planned = _planned(reference, args)
+    stale = {stage for stage, decision in planned.items() if decision != "reuse"}
+    assert stale == {"instance_model [instance_0]", "instance_model [instance_1]", "ensemble_model",
+                     "holdout_evaluation", "shap_summary", "run_report"}, planned
+    assert planned["instance_model [instance_0]"] == "config changed"
+    args[args.index("--budget-gb") + 1] = "5"  # a new budget changes the plan, and everything after it
+    stale = {stage for stage, decision in _planned(reference, args).items() if decision != "reuse"}
+    assert stale == set(ALL_STAGES) - {"source_dataset", "dataset_metadata", "gene_split"}  # the split needs no plan
+    assert set(_planned(reference, memopt_args(tiny_dataset, reference), force=True).values()) == {"--force"}

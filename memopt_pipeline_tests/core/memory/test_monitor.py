@@ -251,3 +251,15 @@ def test_real_allocation_over_budget_raises_and_the_process_survives():
     assert measure.process_rss_bytes() < start + 200 * MiB
 
 
+
+
+def test_heartbeat_file_holds_the_last_sample_against_the_budget(tmp_path):
+    import json
+
+    path = tmp_path / "beats" / "run.step.json"
+    reader = FakeRSS(3 * GiB)
+    with StageMonitor("train", BUDGET, rss_reader=reader, interval_s=0.01, use_kernel_peak=False, heartbeat_path=path):
+        wait_until(path.exists)
+    beat = json.loads(path.read_text())
+    assert beat["rss_bytes"] == 3 * GiB and beat["budget_bytes"] == BUDGET and beat["stage"] == "train"
+    assert beat["pid"] > 0 and beat["cleanup_bytes"] == int(0.7 * BUDGET)
