@@ -36,6 +36,7 @@ from memopt_pipeline.core.memory.failures import classify_kill, text_is_kill, te
 from memopt_pipeline.core.memory.ladder import LADDER_TAG, MAX_LEVEL
 from memopt_pipeline.core.memory.limits import cgroup_oom_kill_count
 from memopt_pipeline.resources import MemoryGuard
+from memopt_pipeline.resources.checkpoints import prune_checkpoints
 from memopt_pipeline.resources.memory_guard import heartbeat_path
 
 
@@ -296,6 +297,11 @@ def run_experiment(experiment: Experiment, settings: RunSettings, log: Callable[
         finally:
             outcome.decisions = planner.decisions
             outcome.runs = runner.run_ids
+        # Everything is current now: files no latest materialization references (stopped or failed
+        # attempts, superseded versions) can go.
+        pruned = prune_checkpoints(instance, experiment.output_dir, log=lambda message: None)
+        if pruned.removed:
+            log(f"memopt: removed {len(pruned.removed)} superseded checkpoint(s), {pruned.bytes_freed / 2**20:.1f} MiB")
         stages = [(a.key.to_user_string(), None) for a in PREPARE_ASSETS]
         stages += [(a.key.to_user_string(), p) for p in partitions for a in INSTANCE_ASSETS]
         stages += [(a.key.to_user_string(), None) for a in FINALIZE_ASSETS]
