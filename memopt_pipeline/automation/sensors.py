@@ -1,8 +1,8 @@
 """Out-of-memory recovery: re-run exactly what failed, one memory ladder level lower.
 
 When a run fails, this sensor reads its step failures. If a failure is out-of-memory
-(MemoryError, MemoryBudgetExceeded, bad_alloc, CUDA OOM, a step process killed with -9/137,
-an allocation abort), it requests a run of the same job for the same partition, selecting
+(MemoryError, MemoryBudgetExceeded, bad_alloc, CUDA OOM, an allocation abort, a step process
+killed with -9/137 when its guard's heartbeat shows memory near the budget), it requests a run of the same job for the same partition, selecting
 only the assets whose steps failed or were skipped because of the failure, tagged with the
 next ladder level and the original run. Steps that succeeded are not re-run; failures that
 are not out-of-memory are left alone.
@@ -13,17 +13,38 @@ chain). A run that Dagster's own run retry (dagster.yaml ``run_retries``) will r
 left to it, so the same work never runs twice.
 """
 
+import json
+
 import dagster as dg
 
 from memopt_pipeline.assets import ALL_ASSETS
 from memopt_pipeline.automation.jobs import ALL_JOBS
 from memopt_pipeline.automation.run_config import run_config_for
-from memopt_pipeline.core.memory.failures import text_is_out_of_memory
+from memopt_pipeline.core.memory.failures import (
+    classify_kill,
+    text_is_kill,
+    text_is_out_of_memory,
+    text_names_allocation_failure,
+)
 from memopt_pipeline.core.memory.ladder import LADDER_TAG, ladder_level, next_level_after_failure
+from memopt_pipeline.resources.memory_guard import heartbeat_path
 
 RETRY_OF_TAG = "memopt/oom_retry_of"
 # One step per asset, named after it; asset-check steps re-run with their asset.
 _ASSET_STEPS = {asset.key.to_user_string() for asset in ALL_ASSETS}
+
+
+def _is_out_of_memory(instance: dg.DagsterInstance, run_id: str, step_key: str, text: str) -> bool:
+    """Out-of-memory text, or a SIGKILL with evidence (the step's heartbeat near the budget): a
+    SIGKILL alone is also what `kill -9`, a node drain or a scheduler's grace period send."""
+    if text_is_kill(text) and not text_names_allocation_failure(text):
+        beat_file = heartbeat_path(instance, run_id, step_key)
+        try:
+            beat = json.loads(beat_file.read_text())
+        except (OSError, ValueError):
+            beat = None
+        return classify_kill(beat)[0]
+    return text_is_out_of_memory(text)
 
 
 def _failed_attempts(instance: dg.DagsterInstance, run_id: str, step_key: str) -> int:
@@ -52,7 +73,9 @@ def oom_rematerialization_sensor(context: dg.RunFailureSensorContext):
         step = record.event_log_entry.step_key
         if step in failures:
             failures[step] += "\n" + (record.event_log_entry.user_message or "")
-    oom_steps = sorted(step for step, text in failures.items() if text_is_out_of_memory(text))
+    oom_steps = sorted(
+        step for step, text in failures.items() if _is_out_of_memory(context.instance, run.run_id, step, text)
+    )
     if not oom_steps:
         context.log.info(f"run {run.run_id}: failure is not out-of-memory ({sorted(failures)}); nothing re-run")
         return dg.SkipReason("not an out-of-memory failure")

@@ -124,3 +124,21 @@ def test_other_failures_are_not_rerun(project, monkeypatch):
     result = _sensor_result(instance, failed.run_id)
     assert isinstance(result, dg.SkipReason)
     assert "not an out-of-memory failure" in result.skip_message
+
+
+def test_a_sigkilled_step_is_out_of_memory_for_the_sensor_only_with_evidence(tmp_path):
+    import json
+
+    from memopt_pipeline.automation.sensors import _is_out_of_memory
+    from memopt_pipeline.resources.memory_guard import heartbeat_path
+
+    killed = "ChildProcessCrashException: child process for step instance_model unexpectedly exited with code -9"
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        beat = heartbeat_path(instance, "run-1", "instance_model")
+        beat.parent.mkdir(parents=True)
+        assert not _is_out_of_memory(instance, "run-1", "instance_model", killed)  # no heartbeat, no evidence
+        beat.write_text(json.dumps({"rss_bytes": 100 * 2**20, "budget_bytes": 4 * 2**30}))
+        assert not _is_out_of_memory(instance, "run-1", "instance_model", killed)
+        beat.write_text(json.dumps({"rss_bytes": 38 * 2**30 // 10, "budget_bytes": 4 * 2**30}))
+        assert _is_out_of_memory(instance, "run-1", "instance_model", killed)
+        assert _is_out_of_memory(instance, "run-2", "instance_model", "MemoryBudgetExceeded: Stage 'x' exceeded")

@@ -64,6 +64,11 @@ def exit_is_out_of_memory(returncode: int | None, output: str = "") -> bool:
     return bool(returncode) and text_is_out_of_memory(output)
 
 
+def text_names_allocation_failure(text: str) -> bool:
+    """True when failure text names a failed allocation (not merely a kill)."""
+    return bool(text) and bool(_OOM_TEXT.search(text))
+
+
 def text_is_kill(text: str) -> bool:
     """True when failure text says a process was killed by SIGKILL (exit -9 / 137)."""
     return bool(text) and bool(_KILLED_TEXT.search(text))
