@@ -126,7 +126,7 @@ def test_a_step_killed_far_below_the_budget_is_not_out_of_memory(tiny_dataset, t
     process = MemoptProcess(memopt_args(tiny_dataset, output), tmp_path / "run.log", tmp_path)
     process.wait_for(FIRST_INSTANCE_TRAINING)
     time.sleep(0.5)
-    heartbeats = list((output / ".dagster" / "heartbeats").glob("*instance_model*.json"))
+    heartbeats = list((output / ".dagster" / "heartbeats").glob("*.instance_model.json"))
     assert heartbeats, "the guard leaves a heartbeat beside the step"
     import json
 
