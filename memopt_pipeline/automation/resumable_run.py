@@ -26,6 +26,8 @@ from memopt_pipeline.assets import FINALIZE_ASSETS, INSTANCE_ASSETS, PREPARE_ASS
 from memopt_pipeline.assets.memory_heavy import MEMORY_POOL
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
 from memopt_pipeline.automation.experiment import (
+    PID_TAG,
+    UNFINISHED,
     Experiment,
     launcher_tags,
     recover_dead_runs,
@@ -194,7 +196,6 @@ class _Runner:
 
     def _cancel_unfinished(self, reason: str) -> None:
         """Runs this process started and did not finish: canceled, slots freed, so they resume cleanly."""
-        from memopt_pipeline.automation.experiment import PID_TAG, UNFINISHED
 
         tags = {PID_TAG: launcher_tags()[PID_TAG]}
         for run in self.instance.get_runs(dg.RunsFilter(statuses=UNFINISHED, tags=tags)):

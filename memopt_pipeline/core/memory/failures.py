@@ -14,6 +14,8 @@ import re
 import signal
 
 from memopt_pipeline.core.memory.errors import MemoryBudgetExceeded
+from memopt_pipeline.core.memory.monitor import DEFAULT_CLEANUP_FRACTION
+from memopt_pipeline.core.units import GiB
 
 _OOM_TEXT = re.compile(
     r"MemoryError|MemoryBudgetExceeded|ArrowMemoryError|bad_alloc|CUDA out of memory|"
@@ -75,8 +77,8 @@ def text_is_kill(text: str) -> bool:
 
 
 # A kill counts as out-of-memory when the step's last RSS sample was at least this share of the
-# budget: above the guard's cleanup threshold, where only allocation pressure puts a process.
-KILL_EVIDENCE_FRACTION = 0.7
+# budget: the guard's cleanup threshold, where only allocation pressure puts a process.
+KILL_EVIDENCE_FRACTION = DEFAULT_CLEANUP_FRACTION
 
 
 def classify_kill(
@@ -94,7 +96,7 @@ def classify_kill(
     if heartbeat:
         rss, budget = heartbeat.get("rss_bytes", 0), heartbeat.get("budget_bytes") or 1
         share = rss / budget
-        numbers = f"last RSS sample {rss / 2**30:.2f} GiB, {share:.0%} of the {budget / 2**30:.2f} GiB budget"
+        numbers = f"last RSS sample {rss / GiB:.2f} GiB, {share:.0%} of the {budget / GiB:.2f} GiB budget"
         if share >= KILL_EVIDENCE_FRACTION:
             return True, f"out of memory: {numbers}"
         return False, f"killed, not out of memory: {numbers}"
