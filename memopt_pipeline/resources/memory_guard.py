@@ -36,6 +36,7 @@ from memopt_pipeline.core.memory.monitor import (
 from memopt_pipeline.core.memory.release import release_memory
 from memopt_pipeline.core.report import plots
 from memopt_pipeline.core.units import GiB
+from memopt_pipeline.resources.pool_slots import pool_slot
 
 # One per process: stages of every run executed in this process (in-process runs, the CLI,
 # repeated materializations in a code server) are compared with the first.
@@ -135,6 +136,9 @@ class MemoryGuard(dg.ConfigurableResource):
             try:
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(stop_on_sigterm())
+                    if context.op_def.pool:
+                        # Dagster's pool claim can over-admit on SQLite storage (resources/pool_slots.py).
+                        stack.enter_context(pool_slot(context.instance, context.op_def.pool, context.log.info))
                     if self.hard_cap:
                         cap = stack.enter_context(hard_memory_cap(budget))
                         if cap is not None:

@@ -1,10 +1,13 @@
 """Instance trainings side by side: the plan's limit holds across runs, in separate processes.
 
 Each instance partition is its own run, so the limit that matters spans runs: the
-``memory_heavy`` pool's slots, set from the plan. The proof reads the event log: the
-intervals between each training step's STEP_START and STEP_SUCCESS, and at every moment
-the planned peaks of the steps running then must add up to no more than the budget.
+``memory_heavy`` pool's slots, set from the plan, which Dagster enforces and MemoryGuard
+holds on the machine too (resources/pool_slots.py: Dagster's claim can over-admit on SQLite).
+The proof reads the intervals in which each training worked, and at every moment the
+planned peaks of the trainings working then must add up to no more than the budget.
 """
+
+import json
 
 import dagster as dg
 import pytest
@@ -100,8 +103,7 @@ def test_trainings_in_separate_runs_never_exceed_the_budget_together(tmp_path):
                 processes=len(FAKE_PARTITIONS),  # more runs at once than the limit: only the pool holds them back
                 log=lambda message: None,
             )
-        intervals = _step_intervals(instance, "fake_instance_training")
-    assert set(intervals) == set(FAKE_PARTITIONS)
+    intervals = {key: tuple(json.loads((tmp_path / "done" / key).read_text())) for key in FAKE_PARTITIONS}
     overlaps = _running_at_each_start(intervals)
     for running in overlaps:
         assert sum(concurrency.peaks[key] for key in running) <= concurrency.budget_bytes
