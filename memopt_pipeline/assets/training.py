@@ -70,7 +70,7 @@ class TrainingConfig(dg.Config):
         description="LightGBM only: quantized (low-precision) gradients, faster and lighter, akin to mixed "
         "precision. Cannot be combined with bagging.",
     )
-    num_threads: int = Field(default=0, description="Training threads (0 = all cores).")
+    num_threads: int = Field(default=0, description="Training threads (0 = the CPUs this process may use: its affinity, capped by a cgroup CPU quota).")
     seed: int = Field(default=0, description="Training seed.")
 
 

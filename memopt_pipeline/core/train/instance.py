@@ -36,7 +36,7 @@ class BoostingParams:
     lambda_l2: float = 1.0
     max_rounds: int = 300
     early_stopping_rounds: int = 20
-    num_threads: int = 0  # 0 = LightGBM default (all cores)
+    num_threads: int = 0  # 0 = the CPUs this process may use (core/train/threads.py)
     seed: int = 0
     histogram_pool_mb: float | None = None  # cap on LightGBM's histogram cache (None = unbounded)
     bagging_fraction: float = 1.0  # share of rows per tree (1 = no bagging)
@@ -54,6 +54,8 @@ class BoostingParams:
                 f"{self.bagging_fraction}): LightGBM 4.7 crashes on it. Set bagging_fraction to 1.0 or turn "
                 "quantized_gradients off"
             )
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be 0 (the CPUs this process may use) or positive, got {self.num_threads}")
         if not 0.0 < self.bagging_fraction <= 1.0:
             raise ValueError(f"bagging_fraction must be in (0, 1], got {self.bagging_fraction}")
 

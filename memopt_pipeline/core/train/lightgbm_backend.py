@@ -26,6 +26,7 @@ import numpy as np
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.train.callbacks import lightgbm_progress_callback
 from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, PhaseOne, predict_genes
+from memopt_pipeline.core.train.threads import resolve_threads
 
 
 def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: int) -> dict:
@@ -39,7 +40,7 @@ def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: 
         "min_data_in_leaf": params.min_data_in_leaf,
         "feature_fraction": params.feature_fraction,
         "lambda_l2": params.lambda_l2,
-        "num_threads": params.num_threads,
+        "num_threads": resolve_threads(params.num_threads),
         "seed": params.seed,
         "deterministic": True,
         # Column-wise histograms skip the transient row-wise copy LightGBM makes to test

@@ -37,6 +37,7 @@ import xgboost
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.train.callbacks import xgboost_progress_callback
 from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, PhaseOne, predict_genes
+from memopt_pipeline.core.train.threads import resolve_threads
 from memopt_pipeline.core.train.xgboost_model import (
     best_rounds,
     choose_device,
@@ -122,9 +123,9 @@ def build_dmatrix(
     the folder and removes it after freeing the matrix (XGBoost deletes its own cache files
     when the matrix is freed, but not the folder). Pass ``ref=<training matrix>`` for
     validation/test matrices so they use the training bin edges. ``nthread`` (None or 0 =
-    all cores) is used for sketching and binning. ``one_hot_classes``: see :class:`ReaderIter`.
+    the CPUs this process may use) is used for sketching and binning. ``one_hot_classes``: see :class:`ReaderIter`.
     """
-    threads = -1 if not nthread else nthread
+    threads = resolve_threads(nthread or 0)
     if external_memory_dir is None:
         return xgboost.QuantileDMatrix(
             ReaderIter(reader, genes, batch_rows, one_hot_classes=one_hot_classes), max_bin=max_bin, ref=ref, nthread=threads

@@ -30,7 +30,6 @@ its memory.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterator
@@ -42,6 +41,7 @@ from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.train.calibration import normalise_rows
 from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, PhaseOne
+from memopt_pipeline.core.train.threads import resolve_threads
 from memopt_pipeline.core.train.xgboost_model import best_rounds, one_hot_classes, xgboost_params
 
 # The label travels as one more column of each partition; a name no feature will have.
@@ -73,7 +73,7 @@ def dask_client(
     """A client of the cluster at ``scheduler_address``; empty: a LocalCluster for the block.
 
     The LocalCluster has one worker *in this process* (``processes=False``) with ``threads``
-    threads (0 = all cores) and no Dask memory limit: its memory is this process's, which the
+    threads (0 = the CPUs this process may use) and no Dask memory limit: its memory is this process's, which the
     step's MemoryGuard measures and caps. Everything listens on the loopback interface.
     ``timeout`` bounds the wait for a remote scheduler.
     """
@@ -98,7 +98,7 @@ def dask_client(
             log(f"XGBoost on Dask: {description}")
             yield DaskSession(client=client, tracker_host=None, description=description)
         return
-    threads = threads or os.cpu_count() or 1
+    threads = resolve_threads(threads)
     description = f"LocalCluster started for this step (one in-process worker, {threads} thread(s))"
     log(
         f"dask_scheduler_address is empty: starting a LocalCluster for this step (one in-process worker, {threads} "

@@ -16,6 +16,7 @@ import xgboost
 from memopt_pipeline.core.memory import gpu
 from memopt_pipeline.core.storage import atomic_path
 from memopt_pipeline.core.train.instance import BoostingParams
+from memopt_pipeline.core.train.threads import resolve_threads
 
 # XGBoost has no minimum number of rows per leaf, only a minimum sum of hessians
 # (``min_child_weight``). For the softmax objective XGBoost's per-row, per-class hessian is
@@ -45,8 +46,8 @@ def xgboost_params(params: BoostingParams, *, n_classes: int, device: str) -> di
     Mapping from the LightGBM-named :class:`BoostingParams`:
     - learning_rate -> eta; lambda_l2 -> lambda; feature_fraction -> colsample_bytree
       (both sample features once per tree); max_bin -> max_bin (the matrices must be built
-      with the same value, see :func:`build_dmatrix`); num_threads -> nthread (0 = all cores
-      in both libraries); seed -> seed;
+      with the same value, see :func:`build_dmatrix`); num_threads -> nthread (0 = the CPUs
+      this process may use, core/train/threads.py); seed -> seed;
     - num_leaves -> max_leaves with grow_policy="lossguide" and max_depth=0 (no depth
       limit): leaf-wise growth like LightGBM, instead of XGBoost's default depth-wise;
     - min_data_in_leaf -> min_child_weight = min_data_in_leaf * HESSIAN_PER_ROW (see there);
@@ -73,7 +74,7 @@ def xgboost_params(params: BoostingParams, *, n_classes: int, device: str) -> di
         "subsample": params.bagging_fraction,
         "colsample_bytree": params.feature_fraction,
         "lambda": params.lambda_l2,
-        "nthread": params.num_threads,
+        "nthread": resolve_threads(params.num_threads),
         "seed": params.seed,
         "verbosity": 1,  # warnings only
     }
@@ -155,7 +156,7 @@ def predict_contributions_xgboost(booster: xgboost.Booster, features: np.ndarray
     :func:`predict_raw_xgboost`. ``pred_contribs`` is not available through
     ``inplace_predict``, so a (non-binned) DMatrix of ``features`` is built here.
     """
-    matrix = xgboost.DMatrix(features, feature_names=booster.feature_names, nthread=-1)
+    matrix = xgboost.DMatrix(features, feature_names=booster.feature_names, nthread=resolve_threads(0))
     contributions = booster.predict(matrix, pred_contribs=True)
     if contributions.ndim == 2:  # a single-output model: (rows, features + 1)
         contributions = contributions[:, np.newaxis, :]
