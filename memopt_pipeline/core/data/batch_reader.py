@@ -8,8 +8,9 @@ stage reads can be counted. Reading is shard by shard, row group by row group:
 - predicate pushdown: row groups whose gene min/max statistics cannot contain a requested
   gene are skipped without decoding (effective because shards are sorted by gene);
 - the remaining rows are filtered to the gene set and converted into a C-contiguous float32
-  matrix of at most ``batch_rows`` rows, column by column, so no float64 copy of the batch
-  ever exists.
+  matrix of at most ``batch_rows`` rows, a block of columns at a time, so no float64 copy of
+  the batch ever exists;
+- each shard's footer is parsed once per reader, not once per pass.
 
 Order is deterministic (shard order, then row order), so two passes over the same genes
 (labels first, features next) line up row for row.
@@ -77,6 +78,7 @@ class BatchReader:
         self.stats = ReadStats()
         self._class_values = pa.array(metadata.classes)
         self._gene_rows: dict[str, int] | None = None
+        self._shard_footers: list[_ShardFooter] | None = None
 
     # -- public API -----------------------------------------------------------------------
     def iter_batches(
@@ -106,12 +108,78 @@ class BatchReader:
             self._gene_rows = dict(zip(stats["gene"].to_list(), stats["rows"].to_list()))
         return int(sum(self._gene_rows.get(str(g), 0) for g in genes))
 
+    def sample_rows(self, genes: Collection[str], n_rows: int, *, seed: int, batch_rows: int = 65_536) -> np.ndarray:
+        """About ``n_rows`` float32 rows of ``genes`` (all of them if fewer), for bin edges.
+
+        Whole row groups are drawn in a seeded random order until enough rows are read, then
+        ``n_rows`` of those rows are kept at random: the decode is about ``n_rows`` rows plus
+        one row group, never a full pass (a huge row group is read batch by batch and left as
+        soon as enough rows are in)."""
+        wanted_sorted = sorted(str(g) for g in genes)
+        candidates = [
+            (shard_index, row_group)
+            for shard_index, shard in enumerate(self._footers())
+            for row_group in range(len(shard.row_group_rows))
+            if shard.may_hold(row_group, wanted_sorted)
+        ]
+        order = np.random.default_rng(seed).permutation(len(candidates))
+        wanted = pa.array(wanted_sorted, type=pa.string())
+        parts, collected = [], 0
+        self.stats.passes += 1
+        for position in order:
+            shard_index, row_group = candidates[position]
+            footer = self._footers()[shard_index]
+            parquet = pq.ParquetFile(footer.path)
+            for record_batch in self._row_group_batches(parquet, footer, row_group, self.features, [], batch_rows):
+                selected = self._select_genes(record_batch, wanted)
+                if selected.num_rows:
+                    parts.append(self._to_batch(selected, footer.path, self.features, footer.present(self.features), [], False).features)
+                    collected += selected.num_rows
+                if collected >= n_rows:
+                    break
+            if collected >= n_rows:
+                break
+        if not parts:
+            return np.empty((0, len(self.features)), dtype=np.float32)
+        rows = np.concatenate(parts)
+        if len(rows) > n_rows:
+            keep = np.sort(np.random.default_rng(seed + 1).choice(len(rows), n_rows, replace=False))
+            rows = rows[keep]
+        return rows
+
     # -- internals ------------------------------------------------------------------------
+    def _footers(self) -> list[_ShardFooter]:
+        """What the passes need of each shard's footer (columns, row group sizes, gene ranges),
+        read once per reader. Not the parsed footers themselves: at ~1 KB per column chunk,
+        those of a dataset with thousands of row groups would take gigabytes."""
+        if self._shard_footers is None:
+            self._shard_footers = [_ShardFooter.read(Path(shard.path), self.metadata.gene_column) for shard in self.metadata.shards]
+        return self._shard_footers
+
+    def _row_group_batches(
+        self, parquet: pq.ParquetFile, footer: _ShardFooter, row_group: int, features: list[str], ids: list[str], batch_rows: int
+    ) -> Iterator[pa.RecordBatch]:
+        columns = [self.metadata.gene_column, self.metadata.label_column, *footer.present(features), *ids]
+        rows = footer.row_group_rows[row_group]
+        if rows <= batch_rows:
+            # One call decodes the columns on Arrow's threads; measured faster than iter_batches.
+            table = parquet.read_row_group(row_group, columns=columns, use_threads=True)
+            yield from table.combine_chunks().to_batches()
+            return
+        # A row group bigger than a batch (e.g. one written by pandas) streams batch by batch.
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=columns)
+
+    def _select_genes(self, record_batch: pa.RecordBatch, wanted: pa.Array) -> pa.RecordBatch:
+        self.stats.rows_scanned += record_batch.num_rows
+        gene_values = pc.cast(record_batch.column(self.metadata.gene_column), pa.string())
+        mask = pc.is_in(gene_values, value_set=wanted)
+        if mask.true_count == record_batch.num_rows:
+            return record_batch
+        return record_batch.filter(mask)
+
     def _scan(
         self, genes: Collection[str], batch_rows: int, features: list[str], *, with_ids: bool, purpose: str
     ) -> Iterator[Batch]:
-        gene_column = self.metadata.gene_column
-        label_column = self.metadata.label_column
         wanted_sorted = sorted(str(g) for g in genes)
         if not wanted_sorted:
             return
@@ -122,26 +190,19 @@ class BatchReader:
         if self.log is not None:
             progress = RowProgress(purpose, self.count_rows(wanted_sorted), self.log, budget_bytes=self.budget_bytes)
 
-        for shard in self.metadata.shards:
-            path = Path(shard.path)
-            parquet = pq.ParquetFile(path)
-            names = set(parquet.schema_arrow.names)
-            present = [f for f in features if f in names]
-            ids = [c for c in self.id_columns if with_ids and c in names]
-            columns = [gene_column, label_column, *present, *ids]
-            gene_index = parquet.schema_arrow.get_field_index(gene_column)
-            for row_group in range(parquet.num_row_groups):
-                if not _row_group_may_hold(parquet, row_group, gene_index, wanted_sorted):
+        for footer in self._footers():
+            present = footer.present(features)
+            ids = [c for c in self.id_columns if with_ids and c in footer.names]
+            parquet = pq.ParquetFile(footer.path)
+            for row_group in range(len(footer.row_group_rows)):
+                if not footer.may_hold(row_group, wanted_sorted):
                     self.stats.row_groups_skipped += 1
                     continue
-                for record_batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=columns):
-                    self.stats.rows_scanned += record_batch.num_rows
-                    gene_values = pc.cast(record_batch.column(gene_column), pa.string())
-                    mask = pc.is_in(gene_values, value_set=wanted)
-                    selected = record_batch.filter(mask)
+                for record_batch in self._row_group_batches(parquet, footer, row_group, features, ids, batch_rows):
+                    selected = self._select_genes(record_batch, wanted)
                     if selected.num_rows == 0:
                         continue
-                    batch = self._to_batch(selected, path, features, present, ids, with_ids)
+                    batch = self._to_batch(selected, footer.path, features, present, ids, with_ids)
                     if progress is not None:
                         progress.advance(selected.num_rows)
                     yield batch
@@ -163,14 +224,7 @@ class BatchReader:
                 f"{path}: label {unknown} is not one of the classes {self.metadata.classes} seen by "
                 "dataset_metadata; re-materialize dataset_metadata after changing the data"
             )
-        matrix = np.empty((rows, len(features)), dtype=np.float32)
-        present_set = set(present)
-        for j, name in enumerate(features):
-            if name not in present_set:
-                matrix[:, j] = np.nan  # schema drift: a feature missing from this shard is missing data
-                continue
-            column = pc.cast(record_batch.column(name), pa.float32(), safe=False)
-            matrix[:, j] = column.to_numpy(zero_copy_only=False)
+        matrix = _float32_rows(record_batch, features, set(present))
         if features and not np.isfinite(matrix).all():
             infinite = np.isinf(matrix)
             if infinite.any():
@@ -191,11 +245,63 @@ class BatchReader:
         return Batch(features=matrix, labels=labels.to_numpy(zero_copy_only=False).astype(np.int32), ids=id_table)
 
 
-def _row_group_may_hold(parquet: pq.ParquetFile, row_group: int, gene_index: int, wanted_sorted: list[str]) -> bool:
-    """False only when the row group's gene statistics prove it holds none of the genes."""
-    column = parquet.metadata.row_group(row_group).column(gene_index)
-    stats = column.statistics
-    if stats is None or not stats.has_min_max or not isinstance(stats.min, str):
-        return True  # no usable statistics (or non-string genes): must read to know
-    first = bisect.bisect_left(wanted_sorted, stats.min)
-    return first < len(wanted_sorted) and wanted_sorted[first] <= stats.max
+# Columns are copied into the row-major matrix this many at a time, through a small
+# column-major block: writing one column of a row-major matrix touches every row's cache line
+# for 4 bytes, a block of 16 fills 64 bytes of each (measured ~2x faster than one by one,
+# and unlike a full transpose it needs no second copy of the batch).
+_COLUMN_BLOCK = 16
+
+
+def _float32_rows(record_batch: pa.RecordBatch, features: list[str], present: set[str]) -> np.ndarray:
+    """The batch's ``features`` as a C-contiguous float32 matrix; nulls and absent columns are NaN."""
+    rows = record_batch.num_rows
+    matrix = np.empty((rows, len(features)), dtype=np.float32)
+    block = np.empty((_COLUMN_BLOCK, rows), dtype=np.float32)
+    for start in range(0, len(features), _COLUMN_BLOCK):
+        names = features[start : start + _COLUMN_BLOCK]
+        for offset, name in enumerate(names):
+            if name not in present:
+                block[offset] = np.nan  # schema drift: a feature missing from this shard is missing data
+                continue
+            column = record_batch.column(name)
+            if column.type != pa.float32():
+                column = pc.cast(column, pa.float32(), safe=False)
+            block[offset] = column.to_numpy(zero_copy_only=False)
+        matrix[:, start : start + len(names)] = block[: len(names)].T
+    return matrix
+
+
+@dataclass
+class _ShardFooter:
+    path: Path
+    names: set[str]
+    row_group_rows: list[int]
+    gene_ranges: list[tuple[str, str] | None]  # per row group; None: no usable statistics
+
+    @classmethod
+    def read(cls, path: Path, gene_column: str) -> "_ShardFooter":
+        parquet = pq.ParquetFile(path)
+        gene_index = parquet.schema_arrow.get_field_index(gene_column)
+        metadata = parquet.metadata
+        ranges = []
+        for row_group in range(metadata.num_row_groups):
+            stats = metadata.row_group(row_group).column(gene_index).statistics
+            usable = stats is not None and stats.has_min_max and isinstance(stats.min, str)
+            ranges.append((stats.min, stats.max) if usable else None)
+        rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        return cls(path, set(parquet.schema_arrow.names), rows, ranges)
+
+    def present(self, features: list[str]) -> list[str]:
+        return [f for f in features if f in self.names]
+
+    def may_hold(self, row_group: int, wanted_sorted: list[str]) -> bool:
+        """False only when the row group's gene statistics prove it holds none of the genes
+        (effective because shards are sorted by gene)."""
+        gene_range = self.gene_ranges[row_group]
+        if gene_range is None:
+            return True  # no usable statistics (or non-string genes): must read to know
+        low, high = gene_range
+        first = bisect.bisect_left(wanted_sorted, low)
+        return first < len(wanted_sorted) and wanted_sorted[first] <= high
+
+

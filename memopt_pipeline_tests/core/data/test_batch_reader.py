@@ -81,3 +81,61 @@ def test_empty_gene_list_reads_nothing(tiny_metadata):
     reader = BatchReader(tiny_metadata)
     assert list(reader.iter_batches([], batch_rows=10)) == []
     assert reader.stats.rows_read == 0
+
+
+def test_conversion_matches_a_direct_read_across_column_blocks_types_and_nulls(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 700
+    columns = {"gene": pa.array(np.repeat([f"g{i:02d}" for i in range(7)], 100)), "label": pa.array(rng.integers(0, 3, n))}
+    expected = []
+    for j in range(37):  # more than two blocks of columns, the last one partial
+        values = rng.normal(size=n)
+        if j % 3 == 0:
+            array = pa.array(values, type=pa.float64())
+        elif j % 3 == 1:
+            array = pa.array((values * 10).astype(np.int64))
+        else:
+            mask = rng.random(n) < 0.1
+            array = pa.array(values.astype(np.float32), mask=mask)
+        columns[f"f{j}"] = array
+        expected.append(np.asarray(array.to_pandas(), dtype=np.float32))
+    meta = _meta(tmp_path, a=pa.table(columns))
+    matrix = np.concatenate([b.features for b in BatchReader(meta).iter_batches([f"g{i:02d}" for i in range(7)], 256)])
+    np.testing.assert_array_equal(matrix, np.column_stack(expected))
+
+
+def _many_row_groups(tmp_path, row_group_size):
+    rng = np.random.default_rng(1)
+    genes = np.repeat([f"g{i:03d}" for i in range(200)], 50)  # 10,000 rows, sorted by gene
+    table = pa.table({"gene": genes, "label": rng.integers(0, 3, len(genes)), **{f"f{j}": rng.normal(size=len(genes)) for j in range(5)}})
+    folder = tmp_path / "d"
+    folder.mkdir()
+    pq.write_table(table, folder / "a.parquet", row_group_size=row_group_size)
+    return scan_dataset(list_shards(folder), gene_column="gene", label_column="label", gene_stats_path=tmp_path / "s.parquet")
+
+
+def test_bin_sample_reads_a_seeded_sample_not_the_whole_instance(tmp_path):
+    meta = _many_row_groups(tmp_path, row_group_size=250)
+    genes = [f"g{i:03d}" for i in range(0, 200, 2)]  # 5,000 rows
+    reader = BatchReader(meta)
+    sample = reader.sample_rows(genes, 1_000, seed=3)
+    assert sample.shape == (1_000, 5) and sample.dtype == np.float32
+    # Half of each row group is of requested genes: ~2,000 rows decoded for 1,000, not all 10,000.
+    assert reader.stats.rows_scanned <= 2_250
+    every_row = np.concatenate([b.features for b in BatchReader(meta).iter_batches(genes, 4096)])
+    assert {tuple(r) for r in sample} <= {tuple(r) for r in every_row}  # rows of the requested genes only
+    np.testing.assert_array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=3))  # seeded
+    assert not np.array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=4))
+    # Drawn across the instance, not its first row groups: the sample's rows come from many genes.
+    gene_of_first_value = {r[0]: g for r, g in zip(every_row, np.repeat(genes, 50))}
+    sampled = sorted(int(gene_of_first_value[r[0]][1:]) for r in sample)
+    assert len(set(sampled)) >= 15 and sampled[-1] - sampled[0] > 100  # 8 random row groups of 40
+    assert len(BatchReader(meta).sample_rows(genes, 10_000, seed=0)) == 5_000  # fewer rows than asked: all
+
+
+def test_bin_sample_of_one_huge_row_group_stops_early(tmp_path):
+    meta = _many_row_groups(tmp_path, row_group_size=10_000)  # one row group, as pandas writes
+    reader = BatchReader(meta)
+    sample = reader.sample_rows([f"g{i:03d}" for i in range(200)], 500, seed=0, batch_rows=1_000)
+    assert len(sample) == 500
+    assert reader.stats.rows_scanned <= 1_000
