@@ -13,7 +13,7 @@ from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.evaluate.ensemble import validation_weights
 from memopt_pipeline.core.memory.ladder import settings_for
-from memopt_pipeline.core.memory.planner import MemoryPlan
+from memopt_pipeline.core.memory.planner import LightGBMLayout, MemoryPlan
 from memopt_pipeline.core.memory.release import release_memory
 from memopt_pipeline.core.report.run_report import markdown_table
 from memopt_pipeline.core.storage import atomic_path, file_sha256, write_json
@@ -24,6 +24,7 @@ from memopt_pipeline.core.train.lightgbm_backend import train_instance
 from memopt_pipeline.core.train.xgboost_backend import train_instance_xgboost
 from memopt_pipeline.core.train.xgboost_dask import dask_client, train_instance_xgboost_dask
 from memopt_pipeline.core.train.xgboost_model import save_xgboost_model
+from memopt_pipeline.core.units import GiB
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
 _DEFAULTS = BoostingParams()
@@ -138,6 +139,7 @@ def instance_model(
     backend = "xgboost" if external_memory else config.backend
     # This materialization's own folder: the model an older ensemble recorded is never overwritten.
     partition_dir = artifacts.run_dir(context)
+    layout: LightGBMLayout | None = None
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
         reader = guarded_reader(context, metadata, monitor, features=feature_screening["kept"])
         if backend == "xgboost":
@@ -170,6 +172,8 @@ def instance_model(
             model_path = partition_dir / "model.ubj"
             save_xgboost_model(training.booster, model_path)
         else:
+            layout = _lightgbm_layout(plan, reader.count_rows(fold_of_gene), settings.level)
+            context.log.info(f"instance_model: {layout.describe()} (predicted peak {layout.predicted_peak / GiB:.2f} GiB)")
             training = train_instance(
                 reader,
                 fold_of_gene,
@@ -180,6 +184,8 @@ def instance_model(
                 log=context.log.info,
                 release=release_memory,
                 validation_folds=validation_folds,
+                cut_folds=layout.cut_folds,
+                row_wise=layout.row_wise,
             )
             model_path = partition_dir / "model.txt"
             with atomic_path(model_path) as tmp:
@@ -210,6 +216,7 @@ def instance_model(
         "genes": sorted(fold_of_gene),  # exactly which genes this model has seen
         "rows_read": reader.stats.rows_read,
         "ladder": settings.to_dict(),
+        "lightgbm_layout": layout.describe() if layout else None,
         "objective": config.objective,
         "cv_mode": cv_folds.get("mode", "kfold"),
         "calibration": calibration,
@@ -238,13 +245,24 @@ def instance_model(
             "backend": backend,
             "external_memory": external_memory,
             "ladder_level": settings.level,
+            **({"lightgbm_layout": layout.describe()} if layout else {}),
             "ladder_settings": settings.description,
             "batch_rows": settings.batch_rows,
             "max_bin": settings.max_bin,
             "model_path": dg.MetadataValue.path(str(model_path)),
-            **MemoryGuard.metadata(monitor, predicted_peak_bytes=plan.training_peak(training.train_rows)),
+            **MemoryGuard.metadata(
+                monitor,
+                predicted_peak_bytes=layout.predicted_peak if layout else plan.training_peak(training.train_rows),
+            ),
         },
     )
+
+
+def _lightgbm_layout(plan: MemoryPlan, rows: int, ladder_level: int) -> LightGBMLayout:
+    """The plan's choice by headroom; after running out of memory, the layout that needs least."""
+    if ladder_level > 0:
+        return LightGBMLayout.conservative(plan.training_peak(rows))
+    return plan.lightgbm_layout(rows)
 
 
 def _calibrate(context: dg.AssetExecutionContext, training, method: str) -> tuple[dict, dict]:

@@ -82,6 +82,22 @@ def training_footprint(
     )
 
 
+@dataclass(frozen=True)
+class LightGBMLayout:
+    cut_folds: bool  # bin the instance once, cut every fold's sets out of it
+    row_wise: bool  # LightGBM's row-wise histograms (else column-wise)
+    predicted_peak: int  # the training peak with these choices
+
+    @classmethod
+    def conservative(cls, predicted_peak: int) -> "LightGBMLayout":
+        """Streamed folds, column-wise: the least memory (for retries after running out of it)."""
+        return cls(cut_folds=False, row_wise=False, predicted_peak=predicted_peak)
+
+    def describe(self) -> str:
+        folds = "folds cut from the instance binned once" if self.cut_folds else "each fold streamed and binned"
+        return f"{folds}; {'row' if self.row_wise else 'column'}-wise histograms"
+
+
 @dataclass
 class MemoryPlan:
     budget_bytes: int
@@ -112,6 +128,23 @@ class MemoryPlan:
             bin_sample_rows=self.bin_sample_rows,
             baseline_bytes=self.baseline_bytes,
         ).total
+
+    def lightgbm_layout(self, rows: int) -> "LightGBMLayout":
+        """How LightGBM bins and trains ``rows`` rows, by headroom under ``budget * safety``.
+
+        Each choice costs about one more copy of the binned rows: cutting the folds out of the
+        instance binned once keeps the whole instance binned beside each fold's sets (but
+        decodes the rows once instead of once per fold), and row-wise histograms hold a
+        row-major copy of the training rows (measured 1.5x faster per round than column-wise
+        on 2M x 300). Cutting comes first: it removes whole passes over the data."""
+        binned = math.ceil(rows * self.n_features * bytes_per_binned_cell(self.max_bin))
+        usable = self.budget_bytes * self.safety
+        peak = self.training_peak(rows)
+        cut_folds = peak + binned <= usable
+        peak += binned if cut_folds else 0
+        row_wise = peak + binned <= usable
+        peak += binned if row_wise else 0
+        return LightGBMLayout(cut_folds=cut_folds, row_wise=row_wise, predicted_peak=peak)
 
     def shap_peak(self, chunk_rows: int) -> int:
         """Baseline + one raw chunk + its contributions (rows x classes x (features+1) doubles, and

@@ -1,9 +1,10 @@
 """Training one instance model with LightGBM, from streamed row batches.
 
-The raw float matrix of an instance is never built: a :class:`StreamingRows` sequence
-serves LightGBM's two sequential passes (bin-finding sample, then row pushes) from the
-batch reader, holding one batch at a time. Validation sets are built with
-``reference=train`` so they share the training bin edges.
+The raw float matrix of an instance is never built. Bin edges come once per instance from a
+sampled read (:func:`bin_reference`); every Dataset is then built against them in a single
+streamed pass (:class:`StreamingRows`, one batch held, labels collected on the way), and
+with room in the plan the folds are cut out of the instance's binned rows instead of being
+streamed again.
 
 The two phases and their bookkeeping are in :mod:`memopt_pipeline.core.train.instance`;
 LightGBM's ``best_iteration`` is already a count of trees.
@@ -22,6 +23,8 @@ from typing import Callable, Collection, Iterator
 
 import lightgbm as lgb
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.train.callbacks import lightgbm_progress_callback
@@ -29,7 +32,7 @@ from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining
 from memopt_pipeline.core.train.threads import resolve_threads
 
 
-def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: int) -> dict:
+def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: int, row_wise: bool = False) -> dict:
     return {
         "objective": "multiclass" if params.objective == "softmax" else "multiclassova",
         "num_class": n_classes,
@@ -43,9 +46,11 @@ def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: 
         "num_threads": resolve_threads(params.num_threads),
         "seed": params.seed,
         "deterministic": True,
-        # Column-wise histograms skip the transient row-wise copy LightGBM makes to test
-        # which layout is faster (measured: 1.88 GB -> 1.45 GB peak on 2M x 300).
-        "force_col_wise": True,
+        # The layout is chosen by the plan (planner.lightgbm_layout), never tested by LightGBM:
+        # its test builds the row-wise copy even when it then picks column-wise (measured:
+        # 1.88 GB -> 1.45 GB peak on 2M x 300 when forced column-wise). Row-wise is faster
+        # per round but holds a row-major copy of the binned training rows.
+        **({"force_row_wise": True} if row_wise else {"force_col_wise": True}),
         "bin_construct_sample_cnt": bin_sample_rows,
         "verbosity": -1,
         **({"histogram_pool_size": params.histogram_pool_mb} if params.histogram_pool_mb else {}),
@@ -55,53 +60,33 @@ def lightgbm_params(params: BoostingParams, *, n_classes: int, bin_sample_rows: 
 
 
 class StreamingRows(lgb.Sequence):
-    """A forward-only ``lgb.Sequence`` over the batch reader.
+    """A forward-only ``lgb.Sequence`` over the batch reader, read once.
 
-    LightGBM reads a Sequence twice, each time in increasing row order (the bin sample
-    asserts monotonic indices, then pushes rows in ``batch_size`` slices). Holding one batch
-    and restarting the stream when asked for an earlier row serves both passes in two reads
-    of the data, with one batch in memory.
+    With a reference Dataset (the bin edges) LightGBM reads a Sequence once, in increasing
+    row slices of ``batch_size``: holding one batch serves that pass with one batch in
+    memory. Labels, and optionally each row's fold, are collected on the way, so the push
+    is the only pass over the rows.
     """
 
-    def __init__(self, open_batches: Callable[[], Iterator[np.ndarray]], n_rows: int, batch_size: int):
+    def __init__(self, batches: Iterator, n_rows: int, batch_size: int, fold_of_row: Callable | None = None):
         self.batch_size = batch_size
-        self._open_batches = open_batches
+        self._batches = batches
         self._n_rows = n_rows
-        self._restart()
+        self._fold_of_row = fold_of_row
+        self._buffer = np.empty((0, 0), dtype=np.float32)
+        self._buffer_start = 0
+        self.labels: list[np.ndarray] = []
+        self.folds: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return self._n_rows
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self._n_rows)
-            if step != 1:
-                raise IndexError("StreamingRows supports contiguous slices only")
-            return self._rows(start, stop)
-        if index < 0:
-            index += self._n_rows
-        # Single rows feed LightGBM's bin-finding sample, which must be float64; batches
-        # for the row pushes stay float32 (LightGBM accepts both there).
-        return self._rows(index, index + 1)[0].astype(np.float64)
-
-    def _restart(self) -> None:
-        self._batches = self._open_batches()
-        self._buffer = np.empty((0, 0), dtype=np.float32)
-        self._buffer_start = 0
-
-    def _advance(self) -> None:
-        self._buffer_start += len(self._buffer)
-        try:
-            self._buffer = next(self._batches)
-        except StopIteration:
-            raise RuntimeError(
-                f"the data ended after {self._buffer_start:,} rows but dataset_metadata counted {self._n_rows:,}; "
-                "the shards changed since metadata was computed: re-materialize dataset_metadata"
-            ) from None
-
-    def _rows(self, start: int, stop: int) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise IndexError("StreamingRows serves contiguous slices in increasing order only (bins come from a reference)")
+        start, stop, _ = index.indices(self._n_rows)
         if start < self._buffer_start:
-            self._restart()
+            raise IndexError("StreamingRows is read once, forwards")
         pieces = []
         position = start
         while position < stop:
@@ -113,6 +98,33 @@ class StreamingRows(lgb.Sequence):
             position = self._buffer_start + high
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def _advance(self) -> None:
+        self._buffer_start += len(self._buffer)
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"the data ended after {self._buffer_start:,} rows but dataset_metadata counted {self._n_rows:,}; "
+                "the shards changed since metadata was computed: re-materialize dataset_metadata"
+            ) from None
+        self._buffer = batch.features
+        self.labels.append(batch.labels)
+        if self._fold_of_row is not None:
+            self.folds.append(self._fold_of_row(batch))
+
+
+def bin_reference(reader: BatchReader, genes: Collection[str], *, bin_sample_rows: int, seed: int, lgb_params: dict) -> lgb.Dataset:
+    """The instance's bin edges, from a seeded sample drawn across its row groups (no full decode):
+    a small Dataset every fold's, validation's and the refit's Dataset are built against."""
+    sample = reader.sample_rows(genes, bin_sample_rows, seed=seed)
+    if len(sample) == 0:
+        raise ValueError("the instance's genes have no rows")
+    # The sample's labels only matter for LightGBM's checks, not for the bin edges.
+    reference = lgb.Dataset(
+        sample, label=np.zeros(len(sample)), params=lgb_params, feature_name=list(reader.features), free_raw_data=True
+    )
+    return reference.construct()
+
 
 def build_dataset(
     reader: BatchReader,
@@ -120,26 +132,31 @@ def build_dataset(
     *,
     batch_rows: int,
     lgb_params: dict,
-    reference: lgb.Dataset | None = None,
+    reference: lgb.Dataset,
     purpose: str = "binning",
-) -> lgb.Dataset:
-    """Binned LightGBM Dataset of ``genes``' rows, streamed; labels read in a light first pass."""
-    labels = reader.read_labels(genes)
-    rows = StreamingRows(
-        lambda: (batch.features for batch in reader.iter_batches(genes, batch_rows, purpose=purpose)),
-        n_rows=len(labels),
-        batch_size=batch_rows,
-    )
-    dataset = lgb.Dataset(
-        rows,
-        label=labels,
-        reference=reference,
-        params=lgb_params,
-        feature_name=list(reader.features),
-        free_raw_data=True,
-    )
-    return dataset.construct()
+    fold_of_gene: dict[str, int] | None = None,
+) -> tuple[lgb.Dataset, np.ndarray | None]:
+    """Binned LightGBM Dataset of ``genes``' rows on ``reference``'s bin edges, in one streamed
+    pass that also collects the labels; with ``fold_of_gene``, each row's fold as well."""
+    fold_of_row = None
+    if fold_of_gene is not None:
+        gene_names = pa.array(sorted(fold_of_gene), type=pa.string())
+        folds_by_index = np.array([fold_of_gene[g] for g in gene_names.to_pylist()], dtype=np.int32)
 
+        def fold_of_row(batch) -> np.ndarray:
+            index = pc.index_in(pc.cast(batch.ids.column(reader.metadata.gene_column), pa.string()), value_set=gene_names)
+            return folds_by_index[index.to_numpy(zero_copy_only=False)]
+
+    rows = StreamingRows(
+        reader.iter_batches(genes, batch_rows, purpose=purpose, with_ids=fold_of_gene is not None),
+        n_rows=reader.count_rows(genes),
+        batch_size=batch_rows,
+        fold_of_row=fold_of_row,
+    )
+    dataset = lgb.Dataset(rows, reference=reference, params=lgb_params, feature_name=list(reader.features), free_raw_data=True)
+    dataset.construct()
+    dataset.set_label(np.concatenate(rows.labels))
+    return dataset, (np.concatenate(rows.folds) if fold_of_gene is not None else None)
 
 
 def train_instance(
@@ -153,24 +170,49 @@ def train_instance(
     log: Callable[[str], None] = lambda message: None,
     release: Callable[[], object] = lambda: None,
     validation_folds: Collection[int] | None = None,
+    cut_folds: bool = False,
+    row_wise: bool = False,
 ) -> InstanceTraining:
     """Phase 1 (early stopping per gene-aware validation fold) then phase 2 (refit on all genes).
 
+    Bin edges come once per instance from a sampled read (:func:`bin_reference`). With
+    ``cut_folds`` the instance is binned in one pass and every fold's training and validation
+    sets are cut out of it (``Dataset.subset``), the refit trains on it directly: one decode
+    of the rows for all the binning, for about twice the binned bytes held. Otherwise each
+    fold streams its own training and validation sets, and the refit all the rows.
+    ``row_wise``: LightGBM's row-wise histograms (faster, one more copy of the binned rows).
+
     ``validation_folds`` None: every fold is validated once (k-fold); otherwise only those
     (fast mode: one 5% fold)."""
-    lgb_params = lightgbm_params(params, n_classes=reader.metadata.n_classes, bin_sample_rows=bin_sample_rows)
+    lgb_params = lightgbm_params(
+        params, n_classes=reader.metadata.n_classes, bin_sample_rows=bin_sample_rows, row_wise=row_wise
+    )
     phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)
+    log(f"binning: bin edges from a sample of up to {bin_sample_rows:,} rows")
+    reference = bin_reference(reader, phase.all_genes, bin_sample_rows=bin_sample_rows, seed=params.seed, lgb_params=lgb_params)
+    full_set = row_folds = None
+    if cut_folds:
+        log(f"binning all {len(phase.all_genes)} genes once; folds are cut from the binned rows")
+        full_set, row_folds = build_dataset(
+            reader, phase.all_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference,
+            purpose="binning the instance", fold_of_gene=fold_of_gene,
+        )  # fmt: skip
     for fold in phase.folds:
         started = time.monotonic()
         train_genes, valid_genes = phase.split(fold)
-        log(f"phase 1, fold {fold + 1}/{len(phase.folds)}: binning {len(train_genes)} training genes")
-        train_set = build_dataset(
-            reader, train_genes, batch_rows=batch_rows, lgb_params=lgb_params, purpose=f"fold {fold + 1} binning train"
-        )
-        valid_set = build_dataset(
-            reader, valid_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=train_set,
-            purpose=f"fold {fold + 1} binning valid",
-        )
+        if full_set is not None:
+            train_set = full_set.subset(np.flatnonzero(row_folds != fold).astype(np.int32), params=lgb_params)
+            valid_set = full_set.subset(np.flatnonzero(row_folds == fold).astype(np.int32), params=lgb_params)
+        else:
+            log(f"phase 1, fold {fold + 1}/{len(phase.folds)}: binning {len(train_genes)} training genes")
+            train_set, _ = build_dataset(
+                reader, train_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference,
+                purpose=f"fold {fold + 1} binning train",
+            )  # fmt: skip
+            valid_set, _ = build_dataset(
+                reader, valid_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference,
+                purpose=f"fold {fold + 1} binning valid",
+            )  # fmt: skip
         booster = lgb.train(
             lgb_params,
             train_set,
@@ -187,8 +229,8 @@ def train_instance(
         # (1-based); if stopping never triggered it is 0, meaning "all rounds".
         best = booster.best_iteration or booster.current_iteration()
         train_rows, valid_rows = train_set.num_data(), valid_set.num_data()
-        # The binned data is not needed to predict: free it (the booster holds references
-        # to both sets) before streaming the held-out genes.
+        # The fold's binned sets are not needed to predict: free them (the booster holds
+        # references to both) before streaming the held-out genes.
         booster.free_dataset()
         del train_set, valid_set
         release()
@@ -205,7 +247,10 @@ def train_instance(
 
     num_rounds = phase.refit_rounds()
     log(f"phase 2: refit on all {len(phase.all_genes)} genes for {num_rounds} rounds")
-    full_set = build_dataset(reader, phase.all_genes, batch_rows=batch_rows, lgb_params=lgb_params, purpose="refit binning")
+    if full_set is None:
+        full_set, _ = build_dataset(
+            reader, phase.all_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference, purpose="refit binning"
+        )
     booster = lgb.train(
         lgb_params,
         full_set,
@@ -213,6 +258,7 @@ def train_instance(
         callbacks=[lightgbm_progress_callback(log, "refit", num_rounds), *(callbacks or [])],
     )
     train_rows = full_set.num_data()
-    del full_set
+    booster.free_dataset()
+    del full_set, reference
     release()
     return phase.training(booster, num_rounds=num_rounds, train_rows=train_rows)

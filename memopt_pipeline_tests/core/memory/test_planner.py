@@ -72,3 +72,22 @@ def test_when_no_in_memory_instance_fits_the_plan_chooses_external_memory():
     assert plan.strategy == "external_memory"
     assert plan.instances_needed(1_000_000, overlap=0.1) == 1
     assert plan.max_rows_per_instance == 1_000_000
+
+
+def test_lightgbm_layout_spends_headroom_on_cut_folds_then_row_wise_and_stays_under_budget():
+    plan = make_plan(dataset_rows=2_000_000, n_features=300, n_classes=3, budget_bytes=4 * GiB, baseline_bytes=GiB // 4)
+    usable = plan.budget_bytes * plan.safety
+    binned = 300  # bytes per row at max_bin 255
+    full = plan.lightgbm_layout(plan.max_rows_per_instance)  # the instance fills the plan: no room left
+    assert not full.cut_folds and not full.row_wise and full.predicted_peak == plan.training_peak(plan.max_rows_per_instance)
+    small = plan.max_rows_per_instance // 4  # room for two more binned copies
+    both = plan.lightgbm_layout(small)
+    assert both.cut_folds and both.row_wise
+    assert both.predicted_peak == plan.training_peak(small) + 2 * small * binned <= usable
+    # Room for one copy only: folds are cut (fewer passes over the data), histograms stay column-wise.
+    rows = next(
+        r for r in range(plan.max_rows_per_instance, 0, -1_000)
+        if plan.training_peak(r) + r * binned <= usable < plan.training_peak(r) + 2 * r * binned
+    )
+    one = plan.lightgbm_layout(rows)
+    assert one.cut_folds and not one.row_wise and one.predicted_peak <= usable

@@ -1,33 +1,63 @@
 import numpy as np
 import pytest
 
-from memopt_pipeline.core.data.batch_reader import BatchReader
+from memopt_pipeline.core.data.batch_reader import Batch, BatchReader
 from memopt_pipeline.core.data.folds import gene_folds
 from memopt_pipeline.core.evaluate.metrics import multiclass_metrics
 from memopt_pipeline.core.train.instance import BoostingParams
 from memopt_pipeline.core.train.lightgbm_backend import StreamingRows, train_instance
 
 
-def test_streaming_rows_serves_lightgbm_access_patterns():
+def test_streaming_rows_serves_the_push_in_one_pass_and_collects_labels():
     data = np.arange(1000 * 3, dtype=np.float32).reshape(1000, 3)
     sizes = [7, 300, 1, 250, 442]
-    opened = []
 
-    def open_batches():
-        opened.append(1)
+    def batches():
         start = 0
         for size in sizes:
-            yield data[start : start + size]
+            yield Batch(features=data[start : start + size], labels=np.arange(start, start + size) % 3, ids=None)
             start += size
 
-    rows = StreamingRows(open_batches, n_rows=1000, batch_size=128)
-    # Bin sample: increasing single rows. Then the push pass: contiguous slices from 0.
-    for index in (0, 5, 6, 7, 306, 307, 999):
-        np.testing.assert_array_equal(rows[index], data[index])
-    for start in range(0, 1000, 128):
+    rows = StreamingRows(batches(), n_rows=1000, batch_size=128)
+    for start in range(0, 1000, 128):  # LightGBM's push: contiguous slices from 0, in order
         np.testing.assert_array_equal(rows[start : start + 128], data[start : start + 128])
-    assert len(opened) == 2  # one pass each, one batch held at a time
-    assert rows[-1][0] == data[-1][0]
+    np.testing.assert_array_equal(np.concatenate(rows.labels), np.arange(1000) % 3)
+    with pytest.raises(IndexError, match="once"):
+        rows[0:10]
+
+
+def test_cut_folds_train_the_same_models_as_streamed_folds_from_one_decode(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    genes = stats["gene"].to_list()[:28]
+    folds = gene_folds(stats.filter(stats["gene"].is_in(genes)), n_folds=3, seed=0)
+    params = BoostingParams(max_rounds=25, early_stopping_rounds=5, num_threads=1, min_data_in_leaf=5)
+    trained, readers = {}, {}
+    for cut in (False, True):
+        readers[cut] = BatchReader(tiny_metadata)
+        trained[cut] = train_instance(readers[cut], folds, params=params, batch_rows=300, bin_sample_rows=2_000, cut_folds=cut)
+    assert [f.best_iteration for f in trained[True].folds] == [f.best_iteration for f in trained[False].folds]
+    assert trained[True].booster.model_to_string() == trained[False].booster.model_to_string()
+    np.testing.assert_array_equal(trained[True].oof_proba, trained[False].oof_proba)
+    rows = readers[True].count_rows(genes)
+    # Cut: the instance is decoded once to bin and once to predict out of fold (plus a sample).
+    assert readers[True].stats.rows_read <= 2 * rows + 2_000 + 300
+    # Streamed: each fold's training and validation rows (one pass), the out-of-fold pass, the refit.
+    assert readers[False].stats.rows_read <= (3 + 1 + 1) * rows + 2_000 + 300
+    assert readers[False].stats.rows_read > readers[True].stats.rows_read
+
+
+def test_row_wise_histograms_train_a_model_as_good(tiny_metadata):
+    stats = tiny_metadata.read_gene_stats()
+    genes = stats["gene"].to_list()
+    folds = gene_folds(stats.filter(stats["gene"].is_in(genes[:28])), n_folds=2, seed=0)
+    reader = BatchReader(tiny_metadata)
+    params = BoostingParams(max_rounds=30, early_stopping_rounds=5, num_threads=2, min_data_in_leaf=5)
+    losses = {}
+    for row_wise in (False, True):
+        training = train_instance(reader, folds, params=params, batch_rows=500, bin_sample_rows=2_000, cut_folds=True, row_wise=row_wise)
+        features, labels = _holdout_matrix(reader, genes[28:])
+        losses[row_wise] = multiclass_metrics(labels, training.booster.predict(features), tiny_metadata.classes)["logloss"]
+    assert losses[True] == pytest.approx(losses[False], rel=0.01)
 
 
 def test_train_instance_two_phases_beats_the_prior(tiny_metadata):
