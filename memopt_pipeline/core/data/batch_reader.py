@@ -108,23 +108,30 @@ class BatchReader:
             self._gene_rows = dict(zip(stats["gene"].to_list(), stats["rows"].to_list()))
         return int(sum(self._gene_rows.get(str(g), 0) for g in genes))
 
-    def sample_rows(self, genes: Collection[str], n_rows: int, *, seed: int, batch_rows: int = 65_536) -> np.ndarray:
+    def sample_rows(
+        self, genes: Collection[str], n_rows: int, *, seed: int, batch_rows: int = 65_536, spread: int = 4
+    ) -> np.ndarray:
         """About ``n_rows`` float32 rows of ``genes`` (all of them if fewer), for bin edges.
 
-        Whole row groups are drawn in a seeded random order until enough rows are read, then
-        ``n_rows`` of those rows are kept at random: the decode is about ``n_rows`` rows plus
-        one row group, never a full pass (a huge row group is read batch by batch and left as
-        soon as enough rows are in)."""
+        Whole row groups are drawn in a seeded random order until ``spread * n_rows`` rows of
+        the genes are decoded, keeping a random ``1/spread`` of each batch: the sample spans
+        ``spread`` times more row groups (genes) than it would by keeping whole row groups,
+        for a decode of about ``spread * n_rows`` rows, never a full pass of a big instance,
+        and memory for about ``n_rows`` rows. A huge row group is read batch by batch and
+        left as soon as enough rows are in."""
         wanted_sorted = sorted(str(g) for g in genes)
+        to_decode = min(self.count_rows(wanted_sorted), spread * n_rows)
+        keep_share = min(1.0, n_rows / to_decode) if to_decode else 1.0
+        rng = np.random.default_rng(seed)
         candidates = [
             (shard_index, row_group)
             for shard_index, shard in enumerate(self._footers())
             for row_group in range(len(shard.row_group_rows))
             if shard.may_hold(row_group, wanted_sorted)
         ]
-        order = np.random.default_rng(seed).permutation(len(candidates))
+        order = rng.permutation(len(candidates))
         wanted = pa.array(wanted_sorted, type=pa.string())
-        parts, collected = [], 0
+        parts, decoded = [], 0
         self.stats.passes += 1
         for position in order:
             shard_index, row_group = candidates[position]
@@ -132,18 +139,20 @@ class BatchReader:
             parquet = pq.ParquetFile(footer.path)
             for record_batch in self._row_group_batches(parquet, footer, row_group, self.features, [], batch_rows):
                 selected = self._select_genes(record_batch, wanted)
+                decoded += selected.num_rows
+                if selected.num_rows and keep_share < 1.0:
+                    selected = selected.filter(pa.array(rng.random(selected.num_rows) < keep_share))
                 if selected.num_rows:
                     parts.append(self._to_batch(selected, footer.path, self.features, footer.present(self.features), [], False).features)
-                    collected += selected.num_rows
-                if collected >= n_rows:
+                if decoded >= to_decode:
                     break
-            if collected >= n_rows:
+            if decoded >= to_decode:
                 break
         if not parts:
             return np.empty((0, len(self.features)), dtype=np.float32)
         rows = np.concatenate(parts)
         if len(rows) > n_rows:
-            keep = np.sort(np.random.default_rng(seed + 1).choice(len(rows), n_rows, replace=False))
+            keep = np.sort(rng.choice(len(rows), n_rows, replace=False))
             rows = rows[keep]
         return rows
 

@@ -118,18 +118,22 @@ def test_bin_sample_reads_a_seeded_sample_not_the_whole_instance(tmp_path):
     meta = _many_row_groups(tmp_path, row_group_size=250)
     genes = [f"g{i:03d}" for i in range(0, 200, 2)]  # 5,000 rows
     reader = BatchReader(meta)
-    sample = reader.sample_rows(genes, 1_000, seed=3)
+    sample = reader.sample_rows(genes, 1_000, seed=3, spread=2)
     assert sample.shape == (1_000, 5) and sample.dtype == np.float32
-    # Half of each row group is of requested genes: ~2,000 rows decoded for 1,000, not all 10,000.
-    assert reader.stats.rows_scanned <= 2_250
+    # 2,000 rows of the genes decoded for 1,000 kept; half of each row group is of other genes:
+    # ~4,000 rows scanned (plus one row group), not all 10,000.
+    assert reader.stats.rows_scanned <= 4_250
     every_row = np.concatenate([b.features for b in BatchReader(meta).iter_batches(genes, 4096)])
     assert {tuple(r) for r in sample} <= {tuple(r) for r in every_row}  # rows of the requested genes only
-    np.testing.assert_array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=3))  # seeded
-    assert not np.array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=4))
+    np.testing.assert_array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=3, spread=2))  # seeded
+    assert not np.array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=4, spread=2))
     # Drawn across the instance, not its first row groups: the sample's rows come from many genes.
     gene_of_first_value = {r[0]: g for r, g in zip(every_row, np.repeat(genes, 50))}
     sampled = sorted(int(gene_of_first_value[r[0]][1:]) for r in sample)
-    assert len(set(sampled)) >= 15 and sampled[-1] - sampled[0] > 100  # 8 random row groups of 40
+    assert len(set(sampled)) >= 30 and sampled[-1] - sampled[0] > 100  # 16 random row groups of 40
+    # Spread: the same sample size from more genes than whole row groups give.
+    narrow = BatchReader(meta).sample_rows(genes, 1_000, seed=3, spread=1)
+    assert len({gene_of_first_value[r[0]] for r in narrow}) < len(set(sampled))
     assert len(BatchReader(meta).sample_rows(genes, 10_000, seed=0)) == 5_000  # fewer rows than asked: all
 
 
@@ -138,4 +142,4 @@ def test_bin_sample_of_one_huge_row_group_stops_early(tmp_path):
     reader = BatchReader(meta)
     sample = reader.sample_rows([f"g{i:03d}" for i in range(200)], 500, seed=0, batch_rows=1_000)
     assert len(sample) == 500
-    assert reader.stats.rows_scanned <= 1_000
+    assert reader.stats.rows_scanned <= 4 * 500 + 1_000  # spread 4: 2,000 rows and one batch, not 10,000
