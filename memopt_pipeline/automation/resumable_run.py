@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Callable
@@ -85,22 +87,50 @@ def _was_interrupted(result: dg.ExecuteJobResult) -> bool:
     return False
 
 
+CONCISE_LOGGER = "memopt_console"  # the console logger of `memopt run` without --verbose
+
+
+def _without_failure_traces(record: logging.LogRecord) -> bool:
+    """Console filter: no Dagster failure events, whose text is a 60-100 line stack trace, and no
+    "Dependencies for step ... Not executing." line per skipped step. memopt prints the reason
+    once when the run ends; the run's event log (memopt ui) keeps everything, --verbose prints it."""
+    event = getattr(record, "dagster_event", None)
+    if record.levelno >= logging.ERROR:
+        original = (getattr(record, "dagster_meta", None) or {}).get("orig_message") or ""
+        return event is None and not original.startswith("Dependencies for step")
+    if event is not None and getattr(event.event_specific_data, "error", None) is not None:
+        record.msg = str(record.msg).split("\n\n", 1)[0]  # e.g. a retry notice: its line, not its trace
+    return True
+
+
+@dg.logger(dg.colored_console_logger.config_schema, description="Dagster's console logger without failure traces.")
+def concise_console_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
+    console = dg.colored_console_logger.logger_fn(init_context)
+    console.addFilter(_without_failure_traces)
+    return console
+
+
+def _for_memopt_run(job: dg.JobDefinition) -> dg.JobDefinition:
+    # Step processes rebuild the job from these functions, so they get the concise logger too.
+    return job.with_logger_defs({**job.loggers, CONCISE_LOGGER: concise_console_logger})
+
+
 def prepare_job() -> dg.JobDefinition:
     from memopt_pipeline.definitions import defs
 
-    return defs.resolve_job_def("prepare_instances")
+    return _for_memopt_run(defs.resolve_job_def("prepare_instances"))
 
 
 def train_job() -> dg.JobDefinition:
     from memopt_pipeline.definitions import defs
 
-    return defs.resolve_job_def("train_instances")
+    return _for_memopt_run(defs.resolve_job_def("train_instances"))
 
 
 def finalize_job() -> dg.JobDefinition:
     from memopt_pipeline.definitions import defs
 
-    return defs.resolve_job_def("evaluate_and_explain")
+    return _for_memopt_run(defs.resolve_job_def("evaluate_and_explain"))
 
 
 @dataclass
@@ -109,6 +139,7 @@ class RunSettings:
     budget_gb: float | None = None
     force: bool = False
     log_level: str = "INFO"
+    verbose: bool = False  # Dagster's console logger as is: failures with their stack traces
 
 
 @dataclass
@@ -120,22 +151,62 @@ class Outcome:
 
 def _step_failures(result: dg.ExecuteJobResult) -> list[tuple[str, str]]:
     """(step key, error text) of every failed step of a finished run."""
-    failures = []
-    for event in result.all_events:
-        if event.event_type == dg.DagsterEventType.STEP_FAILURE:
-            error = event.step_failure_data.error
-            text = ""
-            while error is not None:
-                text += f"{error.cls_name}: {error.message}\n"
-                error = error.cause
-            failures.append((event.step_key, text.strip()))
-    return failures
+    return [(e.step_key, _error_text(e.step_failure_data.error)) for e in _failure_events(result)]
 
 
-def _first_line(text: str) -> str:
-    # Dagster prefixes user failures ("dagster._core.definitions.events.Failure: ..."): keep the reason.
-    line = next((line for line in text.splitlines() if line.strip()), text)
-    return line.split("Failure: ", 1)[-1] if line.startswith(("Failure:", "DagsterExecutionStepExecutionError")) else line
+def _failure_events(result: dg.ExecuteJobResult) -> list[dg.DagsterEvent]:
+    return [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+
+
+def _error_text(error) -> str:
+    """Every error of a SerializableErrorInfo chain, as 'Class: message' lines."""
+    text = ""
+    while error is not None:
+        text += f"{error.cls_name}: {error.message}\n"
+        error = error.cause
+    return text.strip()
+
+
+# Most lines of an error message shown; a longer one is cut (the run's logs keep all of it).
+REASON_MAX_LINES = 5
+_QUALIFIED_PREFIX = re.compile(r"^([A-Za-z_][\w.]*)(?::\s?|$)")
+
+
+def reason_text(qualified_name: str, message: str) -> str:
+    """An error as one user reads it: our errors (and Dagster's ``Failure``) by their message, which
+    says the problem and the fix; any other by its short class name too (``KeyError: 'x'``)."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > REASON_MAX_LINES:
+        lines = [*lines[:REASON_MAX_LINES], "..."]
+    text = "\n".join(lines)
+    if text and (qualified_name.startswith("memopt_pipeline.") or qualified_name.endswith("events.Failure")):
+        return text
+    short = qualified_name.rsplit(".", 1)[-1]
+    return f"{short}: {text}" if text else short
+
+
+def _name_and_text(error) -> tuple[str, str]:
+    # The message repeats the class ("pkg.module.DatasetError: ..."); it names the module, the
+    # class name alone does not.
+    match = _QUALIFIED_PREFIX.match(error.message)
+    if match and match.group(1).rsplit(".", 1)[-1] == error.cls_name:
+        return match.group(1), error.message[match.end():]
+    return error.cls_name, error.message
+
+
+def failure_reason(error) -> str:
+    """The reason in a step's SerializableErrorInfo chain: the first error that is not one of
+    Dagster's wrappers (DagsterExecutionStepExecutionError: 'Error occurred while executing op')."""
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    name, text = _name_and_text(error)
+    if error.cls_name == "Failure" and error.cause is not None:
+        # The guard and assets re-raise errors as Failure("DatasetError: ...") to stop retries:
+        # report the error itself, not "Failure: DatasetError: ...".
+        cause_name, cause_text = _name_and_text(error.cause)
+        if cause_text.strip() and cause_text.strip() in text:
+            name, text = cause_name, cause_text
+    return reason_text(name, text)
 
 
 class _Runner:
@@ -158,7 +229,9 @@ class _Runner:
                 "io_manager": {"config": {"base_dir": out}},
             },
             "execution": {"config": {"in_process": {}} if in_process else {"multiprocess": {"max_concurrent": 1}}},
-            "loggers": {"console": {"config": {"log_level": self.settings.log_level}}},
+            "loggers": {
+                "console" if self.settings.verbose else CONCISE_LOGGER: {"config": {"log_level": self.settings.log_level}}
+            },
         }
 
     def execute(self, job_fn, selection, *, partition=None, level=None, in_process=False) -> dg.ExecuteJobResult:
@@ -239,12 +312,15 @@ class _Runner:
                 raise RunFailed(f"[{partition}] {step} was killed twice, {why}; see run {result.run_id}")
 
     def _explain(self, result: dg.ExecuteJobResult) -> str:
-        failures = _step_failures(result)
+        failures = [e for e in _failure_events(result) if e.step_failure_data.error is not None]
         if not failures:
             return f"run {result.run_id} failed (see the run in the UI: memopt ui)"
-        step, text = failures[0]
-        hint = " (out of memory at every ladder level: raise the budget or use more instances)" if text_is_out_of_memory(text) else ""
-        return f"{step}: {_first_line(text)}{hint}"
+        step, error = failures[0].step_key, failures[0].step_failure_data.error
+        oom = text_is_out_of_memory(_error_text(error))
+        hint = " (out of memory at every ladder level: raise the budget or use more instances)" if oom else ""
+        reason = failure_reason(error)
+        # Guard failures name their stage already ("dataset_metadata: the process already uses ...").
+        return f"{reason if reason.startswith((f'{step}:', f'{step} ')) else f'{step}: {reason}'}{hint}"
 
 
 def collect(instance: dg.DagsterInstance, stages: list[tuple[str, str | None]]) -> dict[str, dict]:

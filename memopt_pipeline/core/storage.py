@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,18 +20,46 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+# Fresh random temporary names tried before giving up (48 random bits each: a clash is already rare).
+_TEMP_NAME_TRIES = 100
+
+
+def _new_file_beside(destination: Path) -> Path:
+    """Create an empty, uniquely named file beside ``destination`` and return its path.
+
+    Unlike ``tempfile.mkstemp`` (always 0600: private scratch), the file is created the way
+    ``open()`` creates one: mode 0o666 less the umask (0o644 under the usual 022; default ACLs
+    apply too), without reading or changing the process-wide umask. The renamed file is an
+    output that colleagues and pods running as other users read.
+    """
+    for _ in range(_TEMP_NAME_TRIES):
+        candidate = destination.parent / f".{destination.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            # O_EXCL: never reuse (or follow a symlink at) an existing name, as mkstemp guarantees.
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(
+        f"no free temporary name beside {destination} after {_TEMP_NAME_TRIES} tries; "
+        f"remove stale .{destination.name}.*.tmp files there"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; rename it into place on success.
 
     The temporary file lives in the same directory so ``os.replace`` is atomic. On error
-    the temporary file is removed and ``destination`` is left untouched.
+    the temporary file is removed and ``destination`` is left untouched. The file ends up with
+    the umask's mode (0o644 under umask 022), as a file written in place would; folders that
+    are created get 0o777 less the umask (``mkdir``'s default).
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
+    # Writers that reopen the path truncate it and keep its mode.
+    tmp_path = _new_file_beside(destination)
     try:
         yield tmp_path
         os.replace(tmp_path, destination)
