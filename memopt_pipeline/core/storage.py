@@ -19,7 +19,6 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 # Fresh random temporary names tried before giving up (48 random bits each: a clash is already rare).
 _TEMP_NAME_TRIES = 100
 
