@@ -10,10 +10,12 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
+from memopt_pipeline.assets.display import display_metadata
 from memopt_pipeline.assets.lineage import loaded_models
 from memopt_pipeline.assets.memory_heavy import MEMORY_POOL, MEMORY_RETRY_POLICY, current_ladder_level, guarded_reader
 from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.data.stratified_sample import sample_bytes
 from memopt_pipeline.core.evaluate.ensemble import Ensemble
 from memopt_pipeline.core.evaluate.holdout import evaluate_holdout
 from memopt_pipeline.core.evaluate.shap_summary import (
@@ -98,13 +100,13 @@ def holdout_evaluation(
     metrics["predictions_path"] = str(predictions_path)
     metrics["models"] = models
     metrics["rows_read"] = reader.stats.rows_read
-    per_class = {
-        f"{name}_{metric}": float(values[metric])
-        for name, values in metrics["per_class"].items()
-        for metric in ("pr_auc", "roc_auc", "prevalence", "best_f1", "top_k_accuracy")
-    }
     ece = dict(zip(metrics["per_class"], metrics["ece_after_calibration"]["per_class"]))
-    per_class |= {f"{name}_ece": float(value) for name, value in ece.items()}
+    # Class by class, each class's entries together (the UI lists metadata in this order).
+    per_class = {}
+    for name, values in metrics["per_class"].items():
+        for metric in ("pr_auc", "roc_auc", "best_f1", "top_k_accuracy", "prevalence"):
+            per_class[f"{name}_{metric}"] = float(values[metric])
+        per_class[f"{name}_ece"] = float(ece[name])
     plot_dir = predictions_path.parent
     metrics["plots"] = {
         "pr_curves": str(plot_dir / "pr_curves.png"),
@@ -132,14 +134,14 @@ def holdout_evaluation(
             "uncalibrated_logloss": metrics["uncalibrated_logloss"],
             "ece_before_calibration": metrics["ece_before_calibration"]["mean"],
             "ece_after_calibration": metrics["ece_after_calibration"]["mean"],
-            "models_loaded_one_at_a_time": metrics["models_loaded_one_at_a_time"],
-            **_ladder_metadata(settings),
-            "batch_rows": settings.batch_rows,
-            "holdout_rows": metrics["rows"],
-            "holdout_genes": metrics["genes"],
-            **per_class,
             "per_gene_logloss_median": metrics["per_gene_logloss"]["median"],
             "per_gene_logloss_p90": metrics["per_gene_logloss"]["p90"],
+            **per_class,
+            "holdout_rows": metrics["rows"],
+            "holdout_genes": metrics["genes"],
+            "batch_rows": settings.batch_rows,
+            **_ladder_metadata(settings),
+            "models_loaded_one_at_a_time": metrics["models_loaded_one_at_a_time"],
             "confusion_matrix": dg.MetadataValue.md(_confusion_markdown(metrics["confusion_matrix"], metadata.classes)),
             "predictions_path": dg.MetadataValue.path(str(predictions_path)),
             "models": dg.MetadataValue.json(models),
@@ -163,7 +165,9 @@ def holdout_beats_class_prior(holdout_evaluation: dict) -> dg.AssetCheckResult:
     logloss, baseline = holdout_evaluation["logloss"], holdout_evaluation["baseline_logloss"]
     return dg.AssetCheckResult(
         passed=bool(logloss < baseline),
-        metadata={"logloss": logloss, "baseline_logloss": baseline, "improvement": 1.0 - logloss / baseline},
+        metadata=display_metadata(
+            {"logloss": logloss, "baseline_logloss": baseline, "improvement": 1.0 - logloss / baseline}
+        ),
         description=None if logloss < baseline else "holdout logloss is no better than predicting the class prior",
     )
 
@@ -175,7 +179,11 @@ RESERVOIR_TABLE_FEATURES = 20
 
 
 class ShapConfig(dg.Config):
-    sample_rows: int = Field(default=2_000, description="Holdout rows to explain.")
+    sample_rows: int = Field(
+        default=2_000,
+        description="Holdout rows to explain: a seeded sample with equal rows per class (a class with fewer rows "
+        "gives the rest to the others), spread over the holdout genes (the smallest per-gene cap that fills each class).",
+    )
     chunk_rows: int = Field(
         default=2_000,
         description="Rows per contribution chunk (bounds memory: rows x classes x (features + 1) doubles). "
@@ -188,7 +196,7 @@ class ShapConfig(dg.Config):
     row_top_k: int = Field(
         default=DEFAULT_ROW_TOP_K, description="Per explained row and class, the features with the largest |SHAP| saved."
     )
-    seed: int = Field(default=0, description="Seed of the beeswarm's row sample.")
+    seed: int = Field(default=0, description="Seed of the explained rows' sample and of the beeswarm's row sample.")
 
 
 @dg.asset(code_version="1", group_name="evaluation", pool=MEMORY_POOL, retry_policy=MEMORY_RETRY_POLICY)
@@ -203,16 +211,19 @@ def shap_summary(
     artifacts: ArtifactStore,
 ) -> dg.Output[dict]:
     """Mean |SHAP| per feature and class from the models' native contributions, computed chunk by chunk
-    on a holdout sample (raw-score units, averaged over the instance models); a uniform sample of rows
-    for a beeswarm; per row, its strongest features per class (Parquet, written chunk by chunk)."""
+    on a holdout sample stratified by class and spread over genes (raw margins before calibration,
+    averaged over the instance models: not the output probabilities, see ``shap_explains``); a uniform
+    sample of rows for a beeswarm; per row, its strongest features per class (Parquet, chunk by chunk)."""
     metadata = DatasetMetadata.from_dict(dataset_metadata)
     plan = MemoryPlan.from_dict(memory_plan)
     settings = _ladder_settings(context, batch_rows=config.chunk_rows, shap_rows=config.sample_rows)
     shap_rows_reduced = settings.shap_rows < config.sample_rows
     if shap_rows_reduced:
         context.log.warning(f"shap: explaining {settings.shap_rows:,} rows, not the configured {config.sample_rows:,}")
-    # The reservoir is allocated once at its full size; it counts against the budget like a chunk.
+    # The reservoir is allocated once at its full size; it counts against the budget like a chunk,
+    # and so does the stratified sample of rows being explained (held whole, drawn in one pass).
     kept = reservoir_bytes(min(config.reservoir_rows, settings.shap_rows), plan.n_features, plan.n_classes)
+    kept += sample_bytes(settings.shap_rows, plan.n_features)
     # Contributions are rows x classes x (features + 1) doubles per chunk: shrink the chunk
     # (never the sample) until the plan says it fits, and say so.
     chunk_rows = settings.batch_rows
@@ -275,6 +286,9 @@ def shap_summary(
         "rows_path": str(summary.rows_path),
         "reservoir_path": str(reservoir_path),
         "reservoir_rows": summary.reservoir.size,
+        "sample_genes": summary.genes,
+        "sample_rows_per_class": summary.rows_per_class,
+        "explained": summary.explained,
         "plots": plots,
         "ladder": settings.to_dict(),
         "models": models,
@@ -295,6 +309,14 @@ def shap_summary(
             "models_loaded_one_at_a_time": ensemble.one_at_a_time,
             "reservoir_rows": summary.reservoir.size,
             "additivity_max_error": summary.additivity_max_error,
+            "additivity_checks": f"contributions + bias = the explained margin, on {summary.additivity_rows} sampled rows",
+            "shap_explains": summary.explained["text"],
+            "shap_members": dg.MetadataValue.json(summary.explained["members"]),
+            "shap_mixed_objectives": summary.explained["mixed_objectives"],
+            "sample_genes": summary.genes,
+            "sample_holdout_genes": len(gene_split["holdout_genes"]),
+            "sample_rows_per_class": dg.MetadataValue.json(summary.rows_per_class),
+            **{f"sample_rows_{name}": n for name, n in summary.rows_per_class.items()},
             "top_features": dg.MetadataValue.md(
                 markdown_table(["feature", "mean abs SHAP"], ((f, f"{v:.4f}") for f, v in top))
             ),

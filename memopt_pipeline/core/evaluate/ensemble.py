@@ -35,11 +35,20 @@ class EnsembleMember:
     calibration: dict | None = None  # from calibration.fit_calibration; None = renormalise only
 
 
+# The library's objective names -> the pipeline's (BoostingParams.objective): what a member's
+# raw margins are (softmax logits, or one-vs-rest log-odds).
+_OBJECTIVES = {"multiclass": "softmax", "multiclassova": "ovr", "multi:softprob": "softmax", "binary:logistic": "ovr"}
+
+
 class LightGBMModel:
+    kind = "lightgbm"
+
     def __init__(self, path: str):
         self.booster = lgb.Booster(model_file=path)
         self.feature_names = self.booster.feature_name()
         self.n_classes = self.booster.num_model_per_iteration()
+        name = str(self.booster.params.get("objective", "unknown"))
+        self.objective = _OBJECTIVES.get(name, name)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         return self.booster.predict(features)
@@ -56,12 +65,18 @@ class LightGBMModel:
 
 
 class XGBoostModel:
+    kind = "xgboost"
+
     def __init__(self, path: str):
+        import json
+
         from memopt_pipeline.core.train import xgboost_model
 
         self._backend = xgboost_model
         self.booster = xgboost_model.load_xgboost_model(path)
         self.feature_names = list(self.booster.feature_names or [])
+        name = json.loads(self.booster.save_config())["learner"]["objective"]["name"]
+        self.objective = _OBJECTIVES.get(name, name)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         return self._backend.predict_proba_xgboost(self.booster, features)

@@ -1,5 +1,17 @@
 """Chunked native SHAP: mean |contribution| per feature and class, bounded by the chunk size.
 
+Which rows: a seeded sample of the holdout stratified by class and spread over genes
+(:mod:`memopt_pipeline.core.data.stratified_sample`), drawn in one pass, so donors and acceptors
+are explained as well as "neither", and genes from the whole sorted gene list.
+
+What is explained: each member's raw margin (LightGBM/XGBoost native TreeSHAP, before the
+softmax or the per-class sigmoid, before calibration), averaged over the members with the
+ensemble's weights; the additivity check verifies exactly that (contributions + bias = the
+weighted mean margin). It is not the ensemble's output, which averages calibrated
+probabilities: no margin maps to it. :func:`explained_quantity` says so in words, and names
+the members' objectives (softmax margins are logits up to a per-row constant, one-vs-rest
+margins are per-class log-odds; a mean over both mixes the two units).
+
 LightGBM's own ``pred_contrib`` (TreeSHAP in C++) is used rather than shap.TreeExplainer:
 it is exact for the model, needs no model conversion, and its memory is proportional to
 the chunk (rows x classes x (features + 1) doubles). Each chunk is reduced at once, so
@@ -22,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from memopt_pipeline.core.data.batch_reader import BatchReader
+from memopt_pipeline.core.data.stratified_sample import SamplePlan, stratified_sample
 from memopt_pipeline.core.evaluate.ensemble import Ensemble
 from memopt_pipeline.core.storage import IncrementalParquetWriter
 
@@ -108,9 +121,14 @@ class ShapSummary:
     mean_abs: np.ndarray  # (classes, features)
     rows: int
     chunks: int
-    additivity_max_error: float  # |sum of contributions - raw score|, max over checked rows
+    additivity_max_error: float  # |sum of contributions - explained margin|, max over checked rows
     reservoir: ShapReservoir
     rows_path: Path | None = None  # per-row Parquet (see _row_table), when requested
+    explained: dict | None = None  # what the contributions explain (explained_quantity)
+    genes: int = 0  # distinct genes in the sample
+    rows_per_class: dict | None = None  # class -> rows in the sample
+    plan: SamplePlan | None = None  # the sample's rule: rows per class, per-gene caps
+    additivity_rows: int = 0  # rows the additivity check covered
 
     def top_features(self, k: int = 10) -> list[tuple[str, float]]:
         overall = self.mean_abs.mean(axis=0)
@@ -158,6 +176,37 @@ def _row_table(
     return table
 
 
+def explained_quantity(ensemble: Ensemble) -> dict:
+    """What the ensemble's contributions explain, in words and per member (loads each member once
+    when the ensemble keeps none loaded)."""
+    members = [
+        {"partition": member.partition, "format": model.kind, "objective": model.objective, "weight": weight}
+        for weight, member, model in ensemble.iter_members()
+    ]
+    objectives = sorted({m["objective"] for m in members})
+    units = {"softmax": "softmax logits (up to a per-row constant)", "ovr": "one-vs-rest per-class log-odds"}
+    if len(members) == 1:
+        only = members[0]
+        subject = f"the raw margin of the one member {only['partition']} ({only['format']}, {only['objective']})"
+        output = (
+            "The output probabilities are this margin through the softmax or the per-class sigmoids, rows "
+            "renormalised, then the member's calibration"
+        )
+    else:
+        subject = f"the weighted mean of the raw margins of its {len(members)} members (the ensemble's weights)"
+        output = (
+            "The output probabilities are the weighted mean of each member's calibrated probabilities, which "
+            "is not a function of the mean margin"
+        )
+    text = (
+        f"SHAP explains {subject}, per class, before calibration: "
+        + " and ".join(units.get(o, o) for o in objectives)
+        + (" averaged together, two different units" if len(objectives) > 1 else "")
+        + f". {output}: the contributions add up to the explained margin, not to the output probabilities."
+    )
+    return {"text": text, "members": members, "mixed_objectives": len(objectives) > 1}
+
+
 def chunked_shap(
     ensemble: Ensemble,
     reader: BatchReader,
@@ -172,11 +221,13 @@ def chunked_shap(
     row_top_k: int = DEFAULT_ROW_TOP_K,
     log: Callable[[str], None] = lambda message: None,
 ) -> ShapSummary:
-    """Contributions for the first ``sample_rows`` rows of ``genes`` in chunks of at most ``chunk_rows``.
+    """Contributions for a stratified sample of ``sample_rows`` rows of ``genes`` (see the module
+    docstring; seeded by ``seed``), in chunks of at most ``chunk_rows``.
 
-    Memory is one chunk of contributions plus the fixed-size reservoir; with ``rows_path`` the
-    per-row table is appended to that Parquet file chunk by chunk (it appears whole, atomically,
-    at the end; on failure the previous file stays).
+    Memory is the sample's features (at most ``sample_rows`` rows, see
+    :func:`stratified_sample.sample_bytes`), one chunk of contributions and the fixed-size
+    reservoir; with ``rows_path`` the per-row table is appended to that Parquet file chunk by
+    chunk (it appears whole, atomically, at the end; on failure the previous file stays).
     """
     metadata = reader.metadata
     classes = list(metadata.classes)
@@ -188,27 +239,35 @@ def chunked_shap(
     writer: IncrementalParquetWriter | None = None
     rows = chunks = 0
     additivity_error = 0.0
+    sample = stratified_sample(reader, genes, sample_rows, seed=seed, batch_rows=chunk_rows, purpose="shap")
+    rows_per_class = dict(zip(map(str, classes), sample.class_counts(len(classes))))
+    log(
+        f"shap: sample of {len(sample):,} rows from {len(set(sample.genes)):,} of {len(genes):,} genes, rows per class "
+        + ", ".join(f"{c} {n:,}" for c, n in rows_per_class.items())
+    )
+    # Additivity rows spread over the sample (it is in gene order), so every class is likely checked.
+    checked = np.unique(np.linspace(0, len(sample) - 1, min(additivity_rows, len(sample))).astype(np.int64))
     if ensemble.one_at_a_time:
         # Contributions must be averaged over members per row before |x| is taken, so members
         # cannot be looped outermost as holdout prediction does without keeping every row's
         # contributions; instead each chunk loads every member. Fine for the small SHAP sample.
         log(f"shap: models are loaded one at a time, once per chunk ({len(ensemble.members)} per chunk)")
     try:
-        for batch in reader.iter_batches(genes, chunk_rows, with_ids=rows_path is not None, purpose="shap"):
-            features = batch.features[: sample_rows - rows]
-            labels = batch.labels[: len(features)]
+        for start in range(0, len(sample), chunk_rows):
+            features = sample.features[start : start + chunk_rows]
+            labels = sample.labels[start : start + chunk_rows]
             contributions = ensemble.predict_contributions(features)
-            if chunks == 0:
-                # Additivity: per class, contributions plus bias must equal the raw score.
-                check = features[:additivity_rows]
-                raw = ensemble.predict_raw(check)
-                additivity_error = float(np.abs(contributions[: len(check)].sum(axis=2) - raw).max())
+            local = checked[(checked >= start) & (checked < start + len(features))] - start
+            if len(local):
+                # Additivity: per class, contributions plus bias must equal the explained margin.
+                raw = ensemble.predict_raw(features[local])
+                additivity_error = max(additivity_error, float(np.abs(contributions[local].sum(axis=2) - raw).max()))
             # One class at a time keeps the |x| temporary at rows x features, not x classes.
             for c in range(len(classes)):
                 sums[c] += np.abs(contributions[:, c, :-1]).sum(axis=0)
             reservoir.offer(features, contributions[:, :, :-1], labels)
             if rows_path is not None:
-                ids = batch.ids.slice(0, len(features))
+                ids = sample.ids.slice(start, len(features))
                 table = _row_table(ids, labels, contributions, feature_dictionary, classes, top_k)
                 if writer is None:
                     writer = IncrementalParquetWriter(rows_path, table.schema)
@@ -216,8 +275,6 @@ def chunked_shap(
             rows += len(features)
             chunks += 1
             del contributions
-            if rows >= sample_rows:
-                break
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -238,4 +295,9 @@ def chunked_shap(
         additivity_max_error=additivity_error,
         reservoir=reservoir,
         rows_path=written,
+        explained=explained_quantity(ensemble),
+        genes=len(set(sample.genes)),
+        rows_per_class=rows_per_class,
+        plan=sample.plan,
+        additivity_rows=len(checked),
     )

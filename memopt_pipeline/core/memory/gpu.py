@@ -11,6 +11,8 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from memopt_pipeline.core.units import GiB
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,6 +25,13 @@ class GpuStatus:
     used_bytes: int
     total_bytes: int
     reason: str
+
+    def summary(self) -> str:
+        """One line for metadata: the memory in use, or why there is no GPU."""
+        if not self.available:
+            return self.reason
+        devices = f"{self.device_count} GPUs" if self.device_count > 1 else "1 GPU"
+        return f"{devices}: {self.used_bytes / GiB:.2f} of {self.total_bytes / GiB:.2f} GiB in use"
 
 
 def _unavailable(reason: str) -> GpuStatus:

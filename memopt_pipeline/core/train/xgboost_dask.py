@@ -42,7 +42,7 @@ from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.train.calibration import normalise_rows
 from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, PhaseOne
 from memopt_pipeline.core.train.threads import resolve_threads
-from memopt_pipeline.core.train.xgboost_model import best_rounds, one_hot_classes, xgboost_params
+from memopt_pipeline.core.train.xgboost_model import best_rounds, device_check, one_hot_classes, xgboost_params
 
 # The label travels as one more column of each partition; a name no feature will have.
 LABEL_COLUMN = "__memopt_label__"
@@ -111,6 +111,23 @@ def dask_client(
         Client(cluster) as client,
     ):
         yield DaskSession(client=client, tracker_host=LOOPBACK, description=description)
+
+
+def workers_device(session: DaskSession, log: Callable[[str], None] = lambda message: None) -> str:
+    """"cuda" when :func:`xgboost_model.device_check` passes on every worker, else "cpu"; logs why.
+
+    Checked where the training runs: a remote cluster's workers, not this step's machine, hold
+    the GPUs (or not). One worker that cannot use a GPU makes it "cpu" for all: XGBoost trains
+    one model across all of them with one device setting.
+    """
+    results = session.client.run(device_check)
+    failed = {worker: reason for worker, (device, reason) in results.items() if device != "cuda"}
+    if results and not failed:
+        log(f"XGBoost on Dask runs on the GPU (device=cuda) on {len(results)} worker(s): {next(iter(results.values()))[1]}")
+        return "cuda"
+    reasons = "; ".join(f"{worker}: {reason}" for worker, reason in sorted(failed.items())) or "no worker answered"
+    log(f"XGBoost on Dask runs on the CPU (tree_method=hist): {reasons}")
+    return "cpu"
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -266,7 +283,7 @@ def train_instance_xgboost_dask(
     partition_rows: int,
     batch_rows: int,
     log: Callable[[str], None] = lambda message: None,
-    device: str = "cpu",
+    device: str | None = None,
     validation_folds: Collection[int] | None = None,
 ) -> InstanceTraining:
     """Phase 1 (early stopping per gene-aware fold) then phase 2 (refit on all genes), on Dask.
@@ -277,11 +294,12 @@ def train_instance_xgboost_dask(
     one batch inside it. ``validation_folds``: as in :func:`lightgbm_backend.train_instance` (None =
     k-fold). The out-of-fold probabilities (rows x classes) are gathered in this process for
     calibration, like the other backends'. The returned booster is an ``xgboost.Booster``.
+    ``device`` None: chosen by :func:`workers_device`, on the workers that train.
     """
     from xgboost import dask as dxgb
     from xgboost.collective import Config as CollConfig
 
-    xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device)
+    xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device or workers_device(session, log))
     coll_cfg = CollConfig(tracker_host_ip=session.tracker_host) if session.tracker_host else None
     frame_args = {"partition_rows": partition_rows, "batch_rows": batch_rows}
     phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)

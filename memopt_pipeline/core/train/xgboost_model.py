@@ -32,12 +32,45 @@ MODEL_SUFFIX = ".ubj"
 
 
 
+def device_check() -> tuple[str, str]:
+    """("cuda", what passed) when XGBoost can train on a GPU here, else ("cpu", the check that failed).
+
+    Three checks, in order, each needed: NVML sees a device (a driver and a GPU); this XGBoost
+    build has CUDA support (a CPU-only wheel rejects device="cuda"); and a one-round training on
+    a tiny matrix runs on the device. The last one catches what the first two cannot: a GPU this
+    process may not use, a CUDA runtime the driver is too old for, and XGBoost's own fallback
+    (with no usable GPU it warns and trains on the CPU, which its configuration then says).
+    """
+    status = gpu.gpu_status()
+    if not status.available:
+        return "cpu", f"the NVML check failed ({status.reason})"
+    if not xgboost.build_info().get("USE_CUDA"):
+        return "cpu", f'this XGBoost {xgboost.__version__} was built without CUDA (xgboost.build_info()["USE_CUDA"] is false)'
+    import json
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny = xgboost.DMatrix(np.arange(16, dtype=np.float32).reshape(8, 2), label=np.arange(8) % 2)
+            booster = xgboost.train({"device": "cuda", "tree_method": "hist", "verbosity": 1}, tiny, num_boost_round=1)
+            used = str(json.loads(booster.save_config())["learner"]["generic_param"]["device"])
+    except Exception as error:  # noqa: BLE001 - any failure means: not this device
+        return "cpu", f"a one-round XGBoost training on the GPU failed ({type(error).__name__}: {error})"
+    if not used.startswith("cuda"):
+        said = "; ".join(str(w.message).strip() for w in caught)
+        return "cpu", f"a one-round XGBoost training asked for the GPU ran on {used!r}" + (f" ({said})" if said else "")
+    return "cuda", f"{status.device_count} GPU(s) found by pynvml, XGBoost built with CUDA, a one-round training ran on {used}"
+
+
 def choose_device(log: Callable[[str], None] = lambda message: None) -> str:
-    """"cuda" when a GPU is available, else "cpu" (logging why the CPU is used)."""
-    if gpu.gpu_available():
-        return "cuda"
-    log(f"XGBoost runs on the CPU (tree_method=hist): no GPU was found ({gpu.gpu_status().reason})")
-    return "cpu"
+    """"cuda" when :func:`device_check` passes, else "cpu"; logs which, and why."""
+    device, reason = device_check()
+    if device == "cuda":
+        log(f"XGBoost runs on the GPU (device=cuda): {reason}")
+    else:
+        log(f"XGBoost runs on the CPU (tree_method=hist): {reason}")
+    return device
 
 
 def xgboost_params(params: BoostingParams, *, n_classes: int, device: str) -> dict:

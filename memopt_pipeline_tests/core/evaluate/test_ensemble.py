@@ -7,6 +7,7 @@ from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.data.folds import gene_folds
 from memopt_pipeline.core.evaluate.ensemble import Ensemble, EnsembleMember, load_model, validation_weights
 from memopt_pipeline.core.evaluate.holdout import evaluate_holdout
+from memopt_pipeline.core.evaluate.shap_summary import chunked_shap
 from memopt_pipeline.core.train.calibration import apply_calibration, fit_calibration
 from memopt_pipeline.core.train.instance import BoostingParams
 from memopt_pipeline.core.train.lightgbm_backend import train_instance
@@ -106,3 +107,30 @@ def test_bad_weights_are_refused(members):
     made, _ = members
     with pytest.raises(ValueError, match="not all zero"):
         Ensemble([EnsembleMember(m.partition, m.model_path, weight=0.0) for m in made])
+
+
+def test_shap_of_mixed_members_explains_their_weighted_mean_margin_and_says_so(members, tiny_metadata):
+    """A LightGBM softmax member and an XGBoost one-vs-rest member: the contributions add up to the
+    weighted mean of the members' raw margins (each from its own library), and the summary says
+    that this mixes two units and is not the output probabilities."""
+    import lightgbm as lgb
+    import xgboost
+
+    made, holdout = members
+    weighted = [EnsembleMember(m.partition, m.model_path, weight=w, calibration=m.calibration) for m, w in zip(made, (3.0, 1.0))]
+    ensemble = Ensemble(weighted)
+    summary = chunked_shap(ensemble, BatchReader(tiny_metadata), holdout, sample_rows=90, chunk_rows=40, additivity_rows=9)
+    assert summary.additivity_max_error < 1e-4 and summary.additivity_rows == 9
+    explained = summary.explained
+    assert [(m["format"], m["objective"], m["weight"]) for m in explained["members"]] == [
+        ("lightgbm", "softmax", 0.75), ("xgboost", "ovr", 0.25)
+    ]
+    assert explained["mixed_objectives"] and "two different units" in explained["text"]
+    assert "weighted mean of the raw margins" in explained["text"] and "not to the output probabilities" in explained["text"]
+
+    features = next(BatchReader(tiny_metadata).iter_batches(holdout, 50)).features
+    margins = 0.75 * lgb.Booster(model_file=made[0].model_path).predict(features, raw_score=True)
+    booster = xgboost.Booster()
+    booster.load_model(made[1].model_path)
+    margins += 0.25 * booster.inplace_predict(features, predict_type="margin")
+    np.testing.assert_allclose(ensemble.predict_contributions(features).sum(axis=2), margins, rtol=1e-4, atol=1e-4)

@@ -25,12 +25,19 @@ def model_and_genes(tiny_metadata, tmp_path_factory):
     return Ensemble([EnsembleMember("instance_0", str(path))]), genes[18:]
 
 
-def _first_rows(metadata, genes, rows):
-    """The first ``rows`` rows of ``genes`` in reader order, read in one go (the one-shot reference)."""
+def _rows_named(metadata, genes, table):
+    """Features of the rows ``table`` names by (gene, position), from one read of every row of
+    ``genes`` (the one-shot reference), in ``table``'s order."""
     batches = list(BatchReader(metadata).iter_batches(genes, batch_rows=100_000, with_ids=True))
-    features = np.concatenate([b.features for b in batches])[:rows]
-    gene_ids = np.concatenate([b.ids.column(metadata.gene_column).to_numpy(zero_copy_only=False) for b in batches])[:rows]
-    return features, gene_ids
+    features = np.concatenate([b.features for b in batches])
+    keys = [
+        (gene, position)
+        for b in batches
+        for gene, position in zip(b.ids.column(metadata.gene_column).to_pylist(), b.ids.column("position").to_pylist())
+    ]
+    where = {key: index for index, key in enumerate(keys)}
+    named = zip(table.column(metadata.gene_column).to_pylist(), table.column("position").to_pylist())
+    return features[[where[key] for key in named]]
 
 
 def test_chunked_sums_rows_file_and_reservoir_match_a_one_shot_computation(model_and_genes, tiny_metadata, tmp_path):
@@ -41,16 +48,14 @@ def test_chunked_sums_rows_file_and_reservoir_match_a_one_shot_computation(model
         reservoir_rows=300, seed=3, rows_path=rows_path, row_top_k=3,
     )
     assert summary.rows == 900 and summary.chunks >= 900 // 150
-    assert summary.additivity_max_error < 1e-6
-
-    features, gene_ids = _first_rows(tiny_metadata, genes, summary.rows)
-    one_shot = ensemble.predict_contributions(features)  # (rows, classes, features + 1)
-    np.testing.assert_allclose(summary.mean_abs, np.abs(one_shot[:, :, :-1]).mean(axis=0), rtol=1e-9, atol=1e-12)
+    assert summary.additivity_max_error < 1e-6 and summary.additivity_rows == 5
 
     # One Parquet row per explained row, in order: ids, raw scores, strongest features.
     table = pq.read_table(rows_path)
     assert table.num_rows == summary.rows
-    assert table.column(tiny_metadata.gene_column).to_pylist() == gene_ids.tolist()
+    features = _rows_named(tiny_metadata, genes, table)
+    one_shot = ensemble.predict_contributions(features)  # (rows, classes, features + 1)
+    np.testing.assert_allclose(summary.mean_abs, np.abs(one_shot[:, :, :-1]).mean(axis=0), rtol=1e-9, atol=1e-12)
     raw = ensemble.predict_raw(features)
     for c, name in enumerate(summary.classes):
         np.testing.assert_allclose(table.column(f"raw_{name}").to_numpy(), raw[:, c], rtol=1e-5, atol=1e-5)
@@ -118,3 +123,21 @@ def test_a_failure_half_way_leaves_no_partial_rows_file(model_and_genes, tiny_me
     with pytest.raises(MemoryError):
         chunked_shap(ensemble, BatchReader(tiny_metadata, checkpoint=checkpoint), genes, sample_rows=1_000, chunk_rows=100, rows_path=rows_path)
     assert not rows_path.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_explained_rows_cover_every_class_and_the_whole_holdout_gene_list(model_and_genes, tiny_metadata, tmp_path):
+    """Not the first rows in file order (the alphabetically first genes, mostly "neither"): equal
+    rows per class, from genes across the sorted holdout list."""
+    ensemble, genes = model_and_genes  # 18 genes: 1,032 neither, 86 donors, 86 acceptors
+    rows_path = tmp_path / "rows.parquet"
+    summary = chunked_shap(ensemble, BatchReader(tiny_metadata), genes, sample_rows=150, chunk_rows=40, seed=1, rows_path=rows_path)
+    assert summary.rows_per_class == {"neither": 50, "donor": 50, "acceptor": 50}
+    table = pq.read_table(rows_path)
+    assert np.bincount(table.column("label").to_numpy(), minlength=3).tolist() == [50, 50, 50]
+    explained_genes = sorted(set(table.column(tiny_metadata.gene_column).to_pylist()))
+    assert explained_genes[0] == sorted(genes)[0] and explained_genes[-1] == sorted(genes)[-1]
+    assert summary.genes == len(explained_genes) >= 15
+    assert summary.plan.rows_per_class == [50, 50, 50]
+    # What is explained, said in words: one LightGBM softmax member's margin, not the output probabilities.
+    assert summary.explained["members"] == [{"partition": "instance_0", "format": "lightgbm", "objective": "softmax", "weight": 1.0}]
+    assert "raw margin" in summary.explained["text"] and not summary.explained["mixed_objectives"]

@@ -66,3 +66,42 @@ def test_bad_inputs_are_refused_with_the_reason():
     calibration = fit_calibration(np.array([0, 1, 0, 1]), np.array([[0.6, 0.4], [0.3, 0.7]] * 2))
     with pytest.raises(ValueError, match="fitted for 2 classes"):
         apply_calibration(calibration, np.ones((2, 3)) / 3)
+
+
+def _saturated(rng, n):
+    """A saturated model's rows, two kinds: half put all but <1e-6 on one class (right 96% of the
+    time); the other half split between two classes and put <1e-6 on the third, which is
+    nevertheless the answer 40% of the time. Returns labels, predictions and the third class of
+    the second kind (-1 for the first kind)."""
+    rows = np.arange(n)
+    winner = rng.integers(0, 3, n)
+    second = (winner + rng.integers(1, 3, n)) % 3
+    third = 3 - winner - second
+    split = rng.random(n) < 0.5
+    raw = 10 ** rng.uniform(-12, -7, (n, 3))
+    raw[rows, second] = np.where(split, rng.uniform(0.05, 0.45, n), raw[rows, second])
+    raw[rows, winner] = 0.0
+    raw[rows, winner] = 1.0 - raw.sum(axis=1)
+    wrong = np.where(rng.random(n) < 0.5, second, third)
+    confident_labels = np.where(rng.random(n) < 0.96, winner, wrong)
+    split_labels = np.where(rng.random(n) < 0.4, third, np.where(rng.random(n) < 0.7, winner, second))
+    return np.where(split, split_labels, confident_labels), raw, np.where(split, third, -1)
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_saturated_probabilities_are_calibrated_whatever_their_rounding(method):
+    """Out-of-fold rows arrive row-normalised as float32 (as predict_genes records them), held-out
+    rows as the model's float64 output. Below 1e-6 the two forms of one prediction differ only by
+    rounding, so they must be calibrated alike; and held out, a class predicted below 1e-6 must
+    get about its observed frequency among those rows, not a step fitted to rounding noise."""
+    rng = np.random.default_rng(0)
+    oof_labels, oof_raw, _ = _saturated(rng, 6_000)
+    labels, raw, _ = _saturated(rng, 6_000)
+    calibration = fit_calibration(oof_labels, normalise_rows(oof_raw).astype(np.float32), method=method)
+    calibrated = apply_calibration(calibration, raw)
+    as_recorded = apply_calibration(calibration, normalise_rows(raw).astype(np.float32))
+    np.testing.assert_allclose(calibrated, as_recorded, atol=1e-3)
+    for k in range(3):
+        rows = raw[:, k] < 1e-6
+        observed = (labels[rows] == k).mean()  # about 0.15
+        assert calibrated[rows, k].mean() == pytest.approx(observed, abs=0.07), k

@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import xgboost
@@ -86,12 +88,65 @@ def test_choose_device_falls_back_to_cpu_and_says_why():
     assert "no GPU" in messages[0] and "CPU" in messages[0] and gpu.gpu_status().reason in messages[0]
 
 
-def test_cuda_is_chosen_when_a_gpu_is_available(monkeypatch):
-    monkeypatch.setattr(gpu, "gpu_available", lambda: True)
+def test_cuda_is_chosen_when_every_check_passes(gpu_checks_pass):
     messages = []
     assert xm.choose_device(messages.append) == "cuda"
-    assert messages == []
+    assert [p["device"] for p in gpu_checks_pass.params] == ["cuda"]  # the trial training asked for the GPU
+    assert len(messages) == 1 and "GPU (device=cuda)" in messages[0] and "cuda:0" in messages[0]
     assert xm.xgboost_params(PARAMS, n_classes=3, device="cuda")["device"] == "cuda"
+
+
+def _no_device(monkeypatch, trial):
+    from memopt_pipeline_tests.core.memory.test_gpu import fake_pynvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices=[]))
+
+
+def _driver_broken(monkeypatch, trial):
+    from memopt_pipeline_tests.core.memory.test_gpu import fake_pynvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices=[(0, GiB)], init_error="Driver Not Loaded"))
+
+
+def _cpu_only_build(monkeypatch, trial):
+    monkeypatch.setattr(xgboost, "build_info", lambda: {"USE_CUDA": False})
+
+
+def _training_fails(monkeypatch, trial):
+    trial.error = xgboost.core.XGBoostError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+
+def _training_falls_back(monkeypatch, trial):
+    trial.ran_on = "cpu"  # what XGBoost does with no usable GPU: warn, train on the CPU
+
+
+@pytest.mark.parametrize(
+    "break_check, reason, trial_runs",
+    [
+        (_no_device, "NVML reports no devices", False),
+        (_driver_broken, "Driver Not Loaded", False),
+        (_cpu_only_build, 'build_info()["USE_CUDA"] is false', False),
+        (_training_fails, "training on the GPU failed (XGBoostError: cudaErrorInsufficientDriver", True),
+        (_training_falls_back, "asked for the GPU ran on 'cpu'", True),
+    ],
+)
+def test_each_failing_check_leads_to_the_cpu_and_is_named(gpu_checks_pass, monkeypatch, break_check, reason, trial_runs):
+    break_check(monkeypatch, gpu_checks_pass)
+    messages = []
+    assert xm.choose_device(messages.append) == "cpu"
+    assert len(messages) == 1 and "runs on the CPU" in messages[0] and reason in messages[0], messages
+    assert bool(gpu_checks_pass.params) == trial_runs  # later checks are not run after a failed one
+
+
+def test_the_real_xgboost_without_a_usable_gpu_is_caught_by_the_trial_training(monkeypatch):
+    """NVML and the build faked as passing; the trial is the real XGBoost on this GPU-less machine:
+    it either refuses the device or falls back to the CPU, and both mean the CPU."""
+    from memopt_pipeline_tests.core.memory.test_gpu import fake_pynvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices=[(0, GiB)]))
+    monkeypatch.setattr(xgboost, "build_info", lambda: {"USE_CUDA": True})
+    device, reason = xm.device_check()
+    assert device == "cpu" and "one-round XGBoost training" in reason
 
 
 def test_params_mirror_lightgbm():

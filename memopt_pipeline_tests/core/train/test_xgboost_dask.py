@@ -120,3 +120,33 @@ def test_an_unreachable_scheduler_is_a_clear_error():
     with pytest.raises(ConnectionError, match="dask_scheduler_address"):
         with xd.dask_client("tcp://127.0.0.1:1", log=lambda m: None, timeout="2s"):
             pass
+
+
+def test_the_device_is_checked_on_the_workers_and_cuda_only_when_all_pass(session, gpu_checks_pass):
+    messages = []
+    assert xd.workers_device(session, messages.append) == "cuda"
+    assert len(gpu_checks_pass.params) == 2  # one trial training per worker
+    assert "on 2 worker(s)" in messages[0]
+
+    gpu_checks_pass.ran_on = "cpu"  # XGBoost's fallback on the workers
+    messages.clear()
+    assert xd.workers_device(session, messages.append) == "cpu"
+    assert messages[0].count("asked for the GPU ran on 'cpu'") == 2  # each worker's reason
+
+
+def test_training_without_a_device_uses_the_one_the_workers_chose(tiny_metadata, split, session, monkeypatch):
+    class Chosen(Exception):
+        pass
+
+    monkeypatch.setattr(xd, "device_check", lambda: ("cuda", "faked: every check passed"))
+
+    def recording_params(params, *, n_classes, device):
+        raise Chosen(device)
+
+    monkeypatch.setattr(xd, "xgboost_params", recording_params)
+    with pytest.raises(Chosen, match="^cuda$"):
+        xd.train_instance_xgboost_dask(BatchReader(tiny_metadata), split[2], params=PARAMS, session=session, partition_rows=300, batch_rows=500)
+    with pytest.raises(Chosen, match="^cpu$"):  # an explicit device is kept
+        xd.train_instance_xgboost_dask(
+            BatchReader(tiny_metadata), split[2], params=PARAMS, session=session, partition_rows=300, batch_rows=500, device="cpu"
+        )
