@@ -6,6 +6,7 @@ from pydantic import Field
 
 from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.memory.gpu import gpu_status
 from memopt_pipeline.core.memory.measure import process_rss_bytes
 from memopt_pipeline.core.memory.planner import check_free_disk, make_plan
 from memopt_pipeline.core.units import GiB
@@ -68,5 +69,8 @@ def memory_plan(
             "predicted_peak_prediction_gb": plan.predicted_peak_prediction / GiB,
             "disk_needed_gb": plan.disk_needed_bytes / GiB,
             "disk_free_gb": free_disk / GiB,
+            # Said once per run here rather than on every stage's memory record (MemoryGuard.metadata
+            # adds GPU use only when there is a GPU).
+            "gpu": gpu_status().summary(),
         },
     )

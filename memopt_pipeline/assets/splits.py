@@ -7,7 +7,7 @@ from pydantic import Field
 
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME, instance_key, instance_partitions
 from memopt_pipeline.assets.versioning import versioned_output
-from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.data.dataset import DatasetMetadata, class_count_columns
 from memopt_pipeline.core.data.folds import assign_instances, fast_validation_split, fold_class_counts, gene_folds
 from memopt_pipeline.core.data.sampling import GeneSplit, split_genes
 from memopt_pipeline.core.memory.planner import MemoryPlan
@@ -55,7 +55,10 @@ class InstanceConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the gene-to-instance assignment.")
 
 
-@dg.asset(code_version="1", group_name="splits")
+# chain_settings (resources/chain_settings.py) by key, not by a typed parameter: that module is
+# built from this one's FoldConfig. Requiring it puts the settings of a chain's later runs in
+# the Launchpad of full_training.
+@dg.asset(code_version="1", group_name="splits", required_resource_keys={"chain_settings"})
 def instance_assignment(
     context: dg.AssetExecutionContext,
     config: InstanceConfig,
@@ -77,6 +80,9 @@ def instance_assignment(
             f"{split.train_rows:,} training rows; using {needed}"
         )
     instances = assign_instances(train_stats, n_instances=n_instances, overlap=config.overlap, seed=config.seed)
+    # In a chain run, settings of the later runs that cannot work on these instances fail here,
+    # before the partitions change or a training run is launched.
+    context.resources.chain_settings.check_chain_start(context, [len(genes) for genes in instances])
     rows_by_gene = dict(zip(train_stats["gene"].to_list(), train_stats["rows"].to_list()))
     keys = [instance_key(i) for i in range(len(instances))]
     value = {
@@ -151,10 +157,13 @@ def cv_folds(
             "genes": len(folds),
             "rows": int(stats["rows"].sum()),
             "fold_rows": dg.MetadataValue.json(per_fold["rows"].to_list()),
-            "fold_class_counts": dg.MetadataValue.md(_markdown_table(per_fold)),
+            "fold_class_counts": dg.MetadataValue.md(_fold_class_table(per_fold, metadata.classes)),
         },
     )
 
 
-def _markdown_table(frame: pl.DataFrame) -> str:
-    return markdown_table(frame.columns, frame.iter_rows())
+def _fold_class_table(per_fold: pl.DataFrame, classes: list) -> str:
+    """Rows per fold and class, the classes by name: fold_class_counts names its columns by class
+    index (``n_class_<i>``, in ``classes`` order)."""
+    columns = ["fold", "rows", *class_count_columns(len(classes))]
+    return markdown_table(["fold", "rows", *map(str, classes)], per_fold.select(columns).iter_rows())

@@ -20,6 +20,8 @@ from typing import Any
 
 import dagster as dg
 
+from memopt_pipeline.assets.display import display_metadata
+
 CONFIG_VERSION_TAG = "memopt/config_version"
 
 
@@ -61,7 +63,8 @@ def versioned_output(
     metadata: dict | None = None,
     **settings: Any,
 ) -> dg.Output:
-    """``dg.Output`` carrying the data version of (code version, config + settings, inputs)."""
+    """``dg.Output`` carrying the data version of (code version, config + settings, inputs), with
+    ``metadata`` rounded and ordered for reading (assets/display.py)."""
     config_tag = config_version(config, **settings)
     code = context.assets_def.code_versions_by_key[context.asset_key] or ""
     version = data_version(code, config_tag, input_data_versions(context))
@@ -70,7 +73,7 @@ def versioned_output(
         warnings.simplefilter("ignore")
         return dg.Output(
             value,
-            metadata=metadata or {},
+            metadata=display_metadata(metadata or {}),
             data_version=dg.DataVersion(version),
             tags={CONFIG_VERSION_TAG: config_tag},
         )

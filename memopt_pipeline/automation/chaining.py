@@ -10,11 +10,18 @@ status sensors (both running by default):
   partition has an instance_model materialization newer than the chain's start, one
   evaluate_and_explain run.
 
-Each chained run carries the tags memopt/chain (kind) and memopt/chain_id (the starting run),
-so the UI's run list filtered on memopt/chain_id shows one whole chain. Runs re-launched by
-the out-of-memory sensor lose those tags; the chain finds its way back through their
-memopt/oom_retry_of tag. Run keys make each request idempotent: a sensor that sees the same
-success twice launches nothing new.
+Their run config comes from the starting run's: the ops config from its chain_settings
+resource (resources/chain_settings.py, checked by Dagster when that run was launched), the rest
+of its resources, execution and loggers as they are (automation/run_config.py). A chain that
+cannot go on (a run config the next job refuses, e.g. after the code changed) is stopped with
+the reason on the sensor's tick, never raised: that would hold up every later chain.
+
+Every run of a chain carries the tags memopt/chain (kind) and memopt/chain_id (the starting
+run; the third sensor, tag_chain_start, puts it on the starting run itself as soon as that run
+is launched), so the UI's run list filtered on memopt/chain_id shows one whole chain. Runs
+re-launched by the out-of-memory sensor lose those tags; the chain finds its way back through
+their memopt/oom_retry_of tag. Run keys make each request idempotent: a sensor that sees the
+same success twice launches nothing new.
 """
 
 from __future__ import annotations
@@ -24,14 +31,13 @@ import dagster as dg
 from memopt_pipeline.assets import FINALIZE_ASSETS, INSTANCE_ASSETS
 from memopt_pipeline.assets.partitions import INSTANCE_PARTITIONS_NAME
 from memopt_pipeline.automation.jobs import (
-    CHAIN_CONFIG_TAG,
     CHAIN_ID_TAG,
     CHAIN_START_JOBS,
     CHAIN_TAG,
     evaluate_and_explain_job,
     train_instances_job,
 )
-from memopt_pipeline.automation.run_config import ChainConfigError, parse_chain_config, run_config_for
+from memopt_pipeline.automation.run_config import ChainConfigError, chained_run_config
 from memopt_pipeline.automation.sensors import RETRY_OF_TAG
 
 # Chained runs wait at most this long for the next step; the check itself is one small query.
@@ -52,10 +58,25 @@ def chain_origin(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dg.Dagster
 
 
 def _chain_tags(origin: dg.DagsterRun, chain_id: str) -> dict[str, str]:
-    tags = {CHAIN_ID_TAG: chain_id, CHAIN_TAG: origin.tags.get(CHAIN_TAG, "")}
-    if CHAIN_CONFIG_TAG in origin.tags:
-        tags[CHAIN_CONFIG_TAG] = origin.tags[CHAIN_CONFIG_TAG]
-    return tags
+    return {CHAIN_ID_TAG: chain_id, CHAIN_TAG: origin.tags.get(CHAIN_TAG, "")}
+
+
+def _checked_run_config(context: dg.RunStatusSensorContext, job_name: str, run_config: dict) -> dict:
+    """``run_config`` once ``job_name`` accepts it; ChainConfigError with Dagster's reason if not.
+
+    Dagster checked the starting run's config at launch; this catches what changed since (the
+    code, a setting the next job refuses) before the daemon tries a run it would refuse."""
+    repository = context.repository_def
+    if repository is None:  # a context built without its code location (some tests): nothing to check against
+        return run_config
+    try:
+        dg.validate_run_config(repository.get_job(job_name), run_config)
+    except dg.DagsterInvalidConfigError as error:
+        raise ChainConfigError(
+            f"the chain settings of its starting run do not fit {job_name} ({'; '.join(e.message for e in error.errors)}); "
+            "start a new chain with settings that do"
+        ) from error
+    return run_config
 
 
 def _stopped(context: dg.RunStatusSensorContext, message: str) -> dg.SkipReason:
@@ -73,19 +94,18 @@ def _stopped(context: dg.RunStatusSensorContext, message: str) -> dg.SkipReason:
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=CHAIN_SENSOR_INTERVAL_SECONDS,
     description="When full_training or retrain_from_current_plan succeeds: one train_instances run per instance "
-    "partition, configured by the starting run's memopt/chain_config tag and run-level config.",
+    "partition, configured by the starting run's chain_settings and the rest of its resources, execution and loggers.",
 )
 def chain_train_instances(context: dg.RunStatusSensorContext):
     run = context.dagster_run
     try:
         origin = chain_origin(context.instance, run)
-        ops = parse_chain_config(origin.tags)
+        run_config = _checked_run_config(context, train_instances_job.name, chained_run_config(INSTANCE_ASSETS, origin.run_config))
     except ChainConfigError as error:
         return _stopped(context, f"chain of run {run.run_id} stopped before training: {error}")
     partitions = context.instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME)
     if not partitions:
         return _stopped(context, f"chain of run {run.run_id} stopped: no instance partitions exist to train")
-    run_config = run_config_for(INSTANCE_ASSETS, ops, origin.run_config)
     context.log.info(f"chain {run.run_id}: training {len(partitions)} instance partitions")
     return [
         dg.RunRequest(
@@ -132,15 +152,35 @@ def chain_evaluate_and_explain(context: dg.RunStatusSensorContext):
         if waiting:
             return dg.SkipReason(f"chain {chain_id}: waiting for instance_model partitions {waiting}")
         origin = chain_origin(context.instance, start.dagster_run)
-        ops = parse_chain_config(origin.tags)
+        run_config = _checked_run_config(
+            context, evaluate_and_explain_job.name, chained_run_config(FINALIZE_ASSETS, origin.run_config)
+        )
     except ChainConfigError as error:
         return _stopped(context, f"chain of run {run.run_id} stopped before evaluation: {error}")
     context.log.info(f"chain {chain_id}: every instance is trained; evaluating")
-    return dg.RunRequest(
-        run_key=f"{chain_id}:evaluate",
-        run_config=run_config_for(FINALIZE_ASSETS, ops, origin.run_config),
-        tags=_chain_tags(origin, chain_id),
-    )
+    return dg.RunRequest(run_key=f"{chain_id}:evaluate", run_config=run_config, tags=_chain_tags(origin, chain_id))
 
 
-CHAIN_SENSORS = [chain_train_instances, chain_evaluate_and_explain]
+@dg.run_status_sensor(
+    name="tag_chain_start",
+    # STARTING: the run launcher reports it when the run is handed to a run worker, for runs from
+    # the Launchpad, a schedule or a sensor alike; the worker then still has to load the code, so
+    # the tag is usually there before the first step starts. A step of the run could tag it only
+    # later, and not at all in a re-execution that skips that step.
+    run_status=dg.DagsterRunStatus.STARTING,
+    monitored_jobs=CHAIN_START_JOBS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=CHAIN_SENSOR_INTERVAL_SECONDS,
+    description="Tags each full_training and retrain_from_current_plan run, as it starts, with "
+    "memopt/chain_id=<its own run id>, so that filtering the runs on that tag shows the whole chain, its first run included.",
+)
+def tag_chain_start(context: dg.RunStatusSensorContext):
+    run = context.dagster_run
+    # A re-execution copies its parent's tags: its own id replaces the parent's, since its
+    # success is what starts the next runs (chain_train_instances names the chain after it).
+    if run.tags.get(CHAIN_ID_TAG) != run.run_id:
+        context.instance.add_run_tags(run.run_id, {CHAIN_ID_TAG: run.run_id})
+    return dg.SkipReason(f"run {run.run_id} tagged {CHAIN_ID_TAG}={run.run_id}")
+
+
+CHAIN_SENSORS = [chain_train_instances, chain_evaluate_and_explain, tag_chain_start]

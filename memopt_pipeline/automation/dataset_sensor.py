@@ -11,7 +11,8 @@ default: start it in the UI (Automation) once the variable is set.
 - A change must hold for two consecutive ticks before a run is launched, so a shard still
   being copied is not read half-written.
 - Settings of the runs come from ``$MEMOPT_AUTOMATION_CONFIG`` (automation/run_config.py), with
-  the source_dataset path set to the watched folder.
+  the source_dataset path set to the watched folder; the train and evaluate stages' ops become
+  the run's chain settings.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import dagster as dg
 
 from memopt_pipeline.assets import PREPARE_ASSETS
 from memopt_pipeline.automation.jobs import full_training_job
-from memopt_pipeline.automation.run_config import ChainConfigError, chain_start_request, load_automation_config
+from memopt_pipeline.automation.run_config import ChainConfigError, chain_start_run_config, load_automation_config
 from memopt_pipeline.core.data.fingerprint import dataset_fingerprint
 
 DATA_DIR_ENV = "MEMOPT_DATA_DIR"
@@ -58,12 +59,11 @@ def full_training_request(path: str, fingerprint: str, previous: str) -> dg.RunR
             "remove the path from the automation config (the sensor sets it to the watched folder)"
         )
     ops["source_dataset"] = {"config": {**source, "path": path}}
-    run_config, tags = chain_start_request({**config, "ops": ops}, PREPARE_ASSETS)
     return dg.RunRequest(
         # One run per transition: a dataset that changes back to an earlier state trains again.
         run_key=f"dataset:{previous[:16]}->{fingerprint[:16]}",
-        run_config=run_config,
-        tags={**tags, FINGERPRINT_TAG: fingerprint[:16]},
+        run_config=chain_start_run_config({**config, "ops": ops}, PREPARE_ASSETS),
+        tags={FINGERPRINT_TAG: fingerprint[:16]},
     )
 
 

@@ -1,18 +1,19 @@
 """Run config of automated and chained runs.
 
-A run's config may only name the ops of its own job, so the settings of a whole chain travel
-in two parts: the starting run's own config (its ops, plus the run-level sections resources /
-execution / loggers, which every later run of the chain reuses), and the tag
-``memopt/chain_config``: JSON ``{"ops": {...}}`` for the ops of the train and evaluate stages.
+A run's config may only name the ops of its own job, so the settings of a whole chain are the
+starting run's config: its own ops (the prepare stages, for full_training), the
+``chain_settings`` resource (the config of the train and evaluate stages' ops, typed and
+checked at launch: resources/chain_settings.py), and the run-level sections resources /
+execution / loggers, which every later run of the chain reuses (:func:`chained_run_config`).
 
 Schedules and the dataset sensor have no Launchpad: they read one YAML file for the whole
 pipeline, named by ``$MEMOPT_AUTOMATION_CONFIG`` (same shape as a run config, every stage's ops
-allowed), and split it into those two parts.
+allowed), and turn it into the starting run's config: the later stages' ops move into
+``resources.chain_settings``, which the file may also set directly (:func:`chain_start_run_config`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,7 +22,7 @@ import dagster as dg
 import yaml
 
 from memopt_pipeline.assets import FINALIZE_ASSETS, INSTANCE_ASSETS, PREPARE_ASSETS
-from memopt_pipeline.automation.jobs import CHAIN_CONFIG_TAG
+from memopt_pipeline.resources.chain_settings import CHAIN_SETTINGS_KEY, ChainSettings
 
 AUTOMATION_CONFIG_ENV = "MEMOPT_AUTOMATION_CONFIG"
 # Sections of a run config that are not per-op and mean the same in every job of the project.
@@ -29,10 +30,12 @@ RUN_LEVEL_SECTIONS = ("resources", "execution", "loggers")
 _ALL_SECTIONS = ("ops", *RUN_LEVEL_SECTIONS)
 _CHAINED_OPS = frozenset(a.key.to_user_string() for a in [*INSTANCE_ASSETS, *FINALIZE_ASSETS])
 _PIPELINE_OPS = frozenset(a.key.to_user_string() for a in PREPARE_ASSETS) | _CHAINED_OPS
+# The chained ops that have settings: ChainSettings' fields are named after them.
+_SETTINGS_OPS = frozenset(ChainSettings.model_fields)
 
 
 class ChainConfigError(ValueError):
-    """The chain's configuration (tag or automation file) cannot be used; the message says the fix."""
+    """The chain's configuration (a starting run or the automation file) cannot be used; the message says the fix."""
 
 
 def _names(assets: Sequence[dg.AssetsDefinition]) -> set[str]:
@@ -49,37 +52,20 @@ def run_config_for(assets: Sequence[dg.AssetsDefinition], ops: Mapping, run_leve
     return config
 
 
-def parse_chain_config(tags: Mapping[str, str]) -> dict:
-    """The ops config of the chained stages from a run's ``memopt/chain_config`` tag ({} when absent)."""
-    text = tags.get(CHAIN_CONFIG_TAG)
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ChainConfigError(f"tag {CHAIN_CONFIG_TAG} is not valid JSON ({error}); fix the tag and start the chain again") from error
-    if not isinstance(value, dict) or set(value) - {"ops"}:
-        raise ChainConfigError(
-            f"tag {CHAIN_CONFIG_TAG} must be a JSON object with only an \"ops\" key, e.g. "
-            '{"ops": {"instance_model": {"config": {"max_rounds": 100}}}}; resources, execution and loggers '
-            "come from the starting run's own config"
-        )
-    ops = value.get("ops", {})
-    if not isinstance(ops, dict):
-        raise ChainConfigError(f"tag {CHAIN_CONFIG_TAG}: \"ops\" must be an object mapping op names to their config")
-    unknown = sorted(set(ops) - _CHAINED_OPS)
-    if unknown:
-        raise ChainConfigError(
-            f"tag {CHAIN_CONFIG_TAG} names ops that no chained run has: {unknown}; it may only configure "
-            f"{sorted(_CHAINED_OPS)} (the starting run's own config holds the others)"
-        )
-    return ops
+def chain_settings_of(run_config: Mapping | None) -> dict:
+    """The ``chain_settings`` resource's config in a run config ({} when absent: every default)."""
+    resources = (run_config or {}).get("resources") or {}
+    return dict((resources.get(CHAIN_SETTINGS_KEY) or {}).get("config") or {})
 
 
-def chain_config_tag(ops: Mapping) -> dict[str, str]:
-    """The tag that hands ``ops`` (config of the chained stages only) to the chain sensors."""
-    chained = {name: value for name, value in ops.items() if name in _CHAINED_OPS}
-    return {CHAIN_CONFIG_TAG: json.dumps({"ops": chained}, sort_keys=True)} if chained else {}
+def chained_run_config(assets: Sequence[dg.AssetsDefinition], start_run_config: Mapping | None) -> dict:
+    """Run config of a chained run over ``assets``, from the run config of the chain's starting run:
+    those assets' ops config from its chain settings, and its run-level sections without
+    chain_settings (no chained job takes that resource)."""
+    start_run_config = start_run_config or {}
+    ops = {name: {"config": value} for name, value in chain_settings_of(start_run_config).items() if value is not None}
+    resources = {k: v for k, v in (start_run_config.get("resources") or {}).items() if k != CHAIN_SETTINGS_KEY}
+    return run_config_for(assets, ops, {**start_run_config, "resources": resources})
 
 
 def load_automation_config() -> dict:
@@ -104,9 +90,26 @@ def load_automation_config() -> dict:
     return config
 
 
-def chain_start_request(
-    config: Mapping, start_assets: Sequence[dg.AssetsDefinition]
-) -> tuple[dict, dict[str, str]]:
-    """(run config, tags) of a run that starts a chain, from a whole-pipeline ``config``."""
+def chain_start_run_config(config: Mapping, start_assets: Sequence[dg.AssetsDefinition]) -> dict:
+    """Run config of a run that starts a chain, from a whole-pipeline ``config``: the ops config
+    of ``start_assets``, the later stages' ops config as the chain settings, the run-level sections."""
     ops = config.get("ops") or {}
-    return run_config_for(start_assets, ops, config), chain_config_tag(ops)
+    settings = chain_settings_of(config)
+    for name in sorted(set(ops) & _CHAINED_OPS):
+        entry = ops[name] or {}
+        if name not in _SETTINGS_OPS or not isinstance(entry, Mapping) or set(entry) - {"config"}:
+            raise ChainConfigError(
+                f"{AUTOMATION_CONFIG_ENV}: ops.{name} cannot be set for a chained run; only the config of "
+                f"{sorted(_SETTINGS_OPS)} can, as {name}: {{config: {{...}}}}"
+            )
+        if name in settings:
+            raise ChainConfigError(
+                f"{AUTOMATION_CONFIG_ENV}: {name} is set twice, under ops and under resources.{CHAIN_SETTINGS_KEY}; "
+                "keep one of them"
+            )
+        if entry.get("config"):
+            settings[name] = entry["config"]
+    resources = dict(config.get("resources") or {})
+    if settings:
+        resources[CHAIN_SETTINGS_KEY] = {"config": settings}
+    return run_config_for(start_assets, ops, {**config, "resources": resources})

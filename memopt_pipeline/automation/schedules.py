@@ -4,7 +4,8 @@ The schedule launches retrain_from_current_plan; the chain sensors (automation/c
 then launch one train_instances run per instance partition and evaluate_and_explain. It is
 stopped by default: start it in the UI (Automation) once a full_training run has made a plan.
 Cron from ``$MEMOPT_RETRAIN_CRON`` (default 02:00 every day, in UTC); settings of the runs from
-the file named by ``$MEMOPT_AUTOMATION_CONFIG`` (automation/run_config.py).
+the file named by ``$MEMOPT_AUTOMATION_CONFIG`` (automation/run_config.py): its resources, and
+the train and evaluate stages' ops as the chain settings.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import dagster as dg
 
 from memopt_pipeline.automation.jobs import retrain_from_current_plan_job
-from memopt_pipeline.automation.run_config import chain_start_request, load_automation_config
+from memopt_pipeline.automation.run_config import chain_start_run_config, load_automation_config
 
 RETRAIN_CRON_ENV = "MEMOPT_RETRAIN_CRON"
 DEFAULT_RETRAIN_CRON = "0 2 * * *"
@@ -27,8 +28,7 @@ def retrain_cron() -> str:
 def build_nightly_retrain_schedule(cron: str) -> dg.ScheduleDefinition:
     def nightly_retrain(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         # Read at every tick, so editing the file takes effect without reloading the code location.
-        run_config, tags = chain_start_request(load_automation_config(), start_assets=[])
-        return dg.RunRequest(run_config=run_config, tags=tags)
+        return dg.RunRequest(run_config=chain_start_run_config(load_automation_config(), start_assets=[]))
 
     try:
         return dg.ScheduleDefinition(

@@ -34,6 +34,7 @@ from memopt_pipeline.core.memory.concurrency import container_memory, predicted_
 from memopt_pipeline.core.memory.planner import MemoryPlan
 from memopt_pipeline.core.units import GiB
 from memopt_pipeline.definitions import defs as local_defs
+from memopt_pipeline.resources import MemoryGuard
 
 MEMORY_MARGIN_ENV = "MEMOPT_K8S_MEMORY_MARGIN"
 DEFAULT_MEMORY_MARGIN = 0.25
@@ -83,6 +84,13 @@ def instance_run_config(memory_plan: dict, instance_assignment: dict, partition_
         },
         "resources": {"memory_guard": {"config": {"budget_gb": memory.guard_budget / GiB}}},
     }
+
+
+def _without_budget(resources: dict) -> dict:
+    # The project's guard is built with the budget of the process that loads the code (for the
+    # Launchpad, definitions.build_resources): here that is the code server's pod, not the step's.
+    # Without it, a step's guard takes budget_fraction of its own pod's memory.
+    return {**resources, "memory_guard": MemoryGuard()}
 
 
 def build_k8s_definitions(margin: float | None = None, resources: dict | None = None) -> dg.Definitions:
@@ -136,7 +144,7 @@ def build_k8s_definitions(margin: float | None = None, resources: dict | None = 
         jobs=swap(local_defs.jobs or []),
         schedules=schedules,
         sensors=sensors,
-        resources=local_defs.resources if resources is None else resources,
+        resources=_without_budget(local_defs.resources) if resources is None else resources,
         executor=k8s_job_executor,
     )
     return k8s_defs

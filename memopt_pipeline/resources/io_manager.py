@@ -39,16 +39,19 @@ class JsonIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> Any:
         asset_key = context.asset_key
         if not context.has_asset_partitions:
-            return _load_latest(context.instance, asset_key, None)
+            return load_latest_value(context.instance, asset_key, None)
         if context.has_partition_key:
             # Partition k of a downstream asset reads partition k of its upstream.
-            return _load_latest(context.instance, asset_key, context.asset_partition_key)
+            return load_latest_value(context.instance, asset_key, context.asset_partition_key)
         # An unpartitioned asset reading a partitioned one gets every partition, by key: each
         # partition's own latest materialization.
-        return {key: _load_latest(context.instance, asset_key, key) for key in context.asset_partition_keys}
+        return {key: load_latest_value(context.instance, asset_key, key) for key in context.asset_partition_keys}
 
 
-def _load_latest(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None) -> Any:
+def load_latest_value(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None) -> Any:
+    """The value of the latest materialization of ``asset_key`` (``partition``); a Failure that
+    says what to materialize when there is none to read. Also for ops that read an asset
+    without depending on it (automation/jobs.py, check_current_plan)."""
     label = asset_key.to_user_string() + (f" [{partition}]" if partition else "")
     record = latest_materialization(instance, asset_key, partition)
     # Non-retryable: a missing input does not appear by running the same step again.

@@ -38,6 +38,22 @@ from memopt_pipeline.core.report import plots
 from memopt_pipeline.core.units import GiB
 from memopt_pipeline.resources.pool_slots import pool_slot
 
+# The entries MemoryGuard.metadata produces, in the order the UI shows them (after the stage's own
+# metrics; assets/display.py orders every materialization's metadata by this).
+MEMORY_METADATA_KEYS = (
+    "peak_rss_gb",
+    "budget_gb",
+    "headroom_gb",
+    "predicted_peak_gb",
+    "plan_error_gb",
+    "start_rss_gb",
+    "stage_seconds",
+    "cleanups",
+    "peak_source",
+    "gpu",
+    "memory_timeline",
+)
+
 # One per process: stages of every run executed in this process (in-process runs, the CLI,
 # repeated materializations in a code server) are compared with the first.
 _LEAKS: LeakTracker | None = None
@@ -207,5 +223,8 @@ class MemoryGuard(dg.ConfigurableResource):
         snippet = plots.save_markdown_image(png, timeline_path, title) if timeline_path else plots.markdown_image(png, title)
         values["memory_timeline"] = dg.MetadataValue.md(snippet)
         gpu = gpu_status()
-        values["gpu"] = f"{gpu.used_bytes / GiB:.2f}/{gpu.total_bytes / GiB:.2f} GiB" if gpu.available else gpu.reason
+        if gpu.available:
+            # Without a GPU the entry would repeat the same "no GPU: ..." on every stage; memory_plan
+            # says it once per run instead.
+            values["gpu"] = gpu.summary()
         return values

@@ -73,7 +73,8 @@ def test_one_vs_rest_end_to_end_with_calibration_in_the_model_card(tiny_dataset,
         assignment = stored_value(collected, "instance_assignment")
         assert card["genes"] == sorted(assignment["instances"][key]["genes"]) and len(card["genes"]) == card["train_genes"]
         metadata = collected[f"instance_model [{key}]"]
-        assert metadata["cv_pr_auc_donor_mean"] == pytest.approx(card["cv_pr_auc"]["donor"]["mean"])
+        # Metadata is rounded to 4 significant digits for the UI; the card keeps full precision.
+        assert metadata["cv_pr_auc_donor_mean"] == pytest.approx(card["cv_pr_auc"]["donor"]["mean"], rel=1e-3)
         assert metadata["oof_ece_after"] <= metadata["oof_ece_before"]  # fitted on these rows: cannot be worse
     ensemble = stored_value(collected, "ensemble_model")
     weights = [m["weight"] for m in ensemble["members"]]

@@ -27,7 +27,16 @@ def test_every_stage_reads_only_sampled_genes(tiny_dataset, tiny_metadata, tmp_p
         finally:  # LightGBM stops consuming at the last row without exhausting the stream
             passes.append((purpose, genes, rows))
 
+    original_sample = batches.BatchReader.sample_rows
+
+    def recording_sample(self, genes, n_rows, **options):
+        genes = list(genes)
+        sample = original_sample(self, genes, n_rows, **options)
+        passes.append(("bin sample", genes, len(sample)))
+        return sample
+
     monkeypatch.setattr(batches.BatchReader, "_scan", recording_scan)
+    monkeypatch.setattr(batches.BatchReader, "sample_rows", recording_sample)
     output = tmp_path / "out"
     run_config = {
         "ops": {
@@ -52,7 +61,8 @@ def test_every_stage_reads_only_sampled_genes(tiny_dataset, tiny_metadata, tmp_p
 
     assert passes, "no stage read through the batch reader"
     purposes = {purpose for purpose, _, _ in passes}
-    assert {"holdout prediction", "shap", "refit binning", "reading labels"} <= purposes
+    # Bins from a sample, the instance binned once (the plan has room), out-of-fold, holdout, SHAP.
+    assert {"bin sample", "binning the instance", "holdout prediction", "shap"} <= purposes
     for purpose, genes, rows in passes:
         assert set(genes) <= sampled, purpose
         assert rows <= sampled_rows < tiny_metadata.n_rows, purpose

@@ -13,9 +13,9 @@ from memopt_pipeline.automation.dataset_sensor import (
     dataset_change_sensor,
     sensor_interval_seconds,
 )
-from memopt_pipeline.automation.jobs import CHAIN_CONFIG_TAG
 from memopt_pipeline.automation.run_config import AUTOMATION_CONFIG_ENV, ChainConfigError
 from memopt_pipeline.core.data.dataset import DatasetError
+from memopt_pipeline.definitions import defs
 
 
 @pytest.fixture
@@ -83,11 +83,13 @@ def test_the_automation_config_shapes_the_launched_run(watched, tmp_path, monkey
     _add_shard(watched)
     tick()
     [request] = tick().run_requests
+    # The train stage's ops become the chain settings of the full_training run.
     assert request.run_config == {
         "ops": {"source_dataset": {"config": {"gene_column": "gene_id", "path": str(watched.resolve())}}},
+        "resources": {"chain_settings": {"config": {"instance_model": {"max_rounds": 20}}}},
         "execution": {"config": {"in_process": {}}},
     }
-    assert json.loads(request.tags[CHAIN_CONFIG_TAG]) == {"ops": {"instance_model": {"config": {"max_rounds": 20}}}}
+    dg.validate_run_config(defs.resolve_job_def("full_training"), request.run_config)  # as the daemon will
 
     # A config that points the run elsewhere than the watched folder is refused, not half-applied.
     config.write_text("ops:\n  source_dataset: {config: {path: /elsewhere}}\n")

@@ -1,11 +1,8 @@
 """The nightly retrain schedule: cron from the environment, settings from the automation config."""
 
-import json
-
 import dagster as dg
 import pytest
 
-from memopt_pipeline.automation.jobs import CHAIN_CONFIG_TAG
 from memopt_pipeline.automation.run_config import AUTOMATION_CONFIG_ENV, ChainConfigError
 from memopt_pipeline.automation.schedules import (
     DEFAULT_RETRAIN_CRON,
@@ -14,6 +11,7 @@ from memopt_pipeline.automation.schedules import (
     nightly_retrain_schedule,
     retrain_cron,
 )
+from memopt_pipeline.definitions import defs
 
 
 def test_defaults_to_two_am_and_stopped(monkeypatch):
@@ -46,16 +44,52 @@ def test_a_tick_carries_the_automation_config_to_the_chain(tmp_path, monkeypatch
     with dg.instance_for_test() as instance:
         [request] = nightly_retrain_schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).run_requests
     # retrain_from_current_plan has no op config; its resources carry over to the chained runs,
-    # and the train settings travel in the chain tag (gene_split is not re-run by a retrain).
-    assert request.run_config == {"resources": {"memory_guard": {"config": {"budget_gb": 2.0}}}}
-    assert json.loads(request.tags[CHAIN_CONFIG_TAG]) == {"ops": {"instance_model": {"config": {"max_rounds": 50}}}}
+    # the train settings become its chain settings (gene_split is not re-run by a retrain).
+    assert request.run_config == {
+        "resources": {
+            "memory_guard": {"config": {"budget_gb": 2.0}},
+            "chain_settings": {"config": {"instance_model": {"max_rounds": 50}}},
+        }
+    }
+    _assert_launchable(request)
+
+
+def _assert_launchable(request: dg.RunRequest) -> None:
+    # What the daemon checks before it creates the run.
+    dg.validate_run_config(defs.resolve_job_def("retrain_from_current_plan"), request.run_config)
+
+
+def test_the_automation_config_may_set_the_chain_settings_directly_but_not_twice(tmp_path, monkeypatch):
+    config = tmp_path / "automation.yaml"
+    config.write_text(
+        "ops:\n"
+        "  shap_summary: {config: {sample_rows: 10}}\n"
+        "resources:\n"
+        "  chain_settings: {config: {cv_folds: {n_folds: 4}}}\n"
+    )
+    monkeypatch.setenv(AUTOMATION_CONFIG_ENV, str(config))
+    with dg.instance_for_test() as instance:
+        [request] = nightly_retrain_schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).run_requests
+    assert request.run_config == {
+        "resources": {"chain_settings": {"config": {"cv_folds": {"n_folds": 4}, "shap_summary": {"sample_rows": 10}}}}
+    }
+    _assert_launchable(request)
+
+    config.write_text(
+        "ops:\n"
+        "  cv_folds: {config: {n_folds: 5}}\n"
+        "resources:\n"
+        "  chain_settings: {config: {cv_folds: {n_folds: 4}}}\n"
+    )
+    with pytest.raises(ChainConfigError, match="cv_folds is set twice, under ops and under resources.chain_settings"):
+        nightly_retrain_schedule.evaluate_tick(dg.build_schedule_context())
 
 
 def test_a_tick_without_automation_config_uses_the_defaults(monkeypatch):
     monkeypatch.delenv(AUTOMATION_CONFIG_ENV, raising=False)
     with dg.instance_for_test() as instance:
         [request] = nightly_retrain_schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).run_requests
-    assert request.run_config == {} and CHAIN_CONFIG_TAG not in request.tags
+    assert request.run_config == {}
 
 
 def test_a_broken_automation_config_fails_the_tick_with_the_fix(tmp_path, monkeypatch):
@@ -63,6 +97,9 @@ def test_a_broken_automation_config_fails_the_tick_with_the_fix(tmp_path, monkey
     config.write_text("ops:\n  instance_modle: {config: {}}\n")
     monkeypatch.setenv(AUTOMATION_CONFIG_ENV, str(config))
     with pytest.raises(ChainConfigError, match=r"unknown ops \['instance_modle'\]"):
+        nightly_retrain_schedule.evaluate_tick(dg.build_schedule_context())
+    config.write_text("ops:\n  run_report: {config: {title: x}}\n")
+    with pytest.raises(ChainConfigError, match="ops.run_report cannot be set for a chained run"):
         nightly_retrain_schedule.evaluate_tick(dg.build_schedule_context())
     monkeypatch.setenv(AUTOMATION_CONFIG_ENV, str(tmp_path / "missing.yaml"))
     with pytest.raises(ChainConfigError, match="no such file"):

@@ -17,6 +17,7 @@ import memopt_pipeline.deploy
 from memopt_pipeline.core.memory.concurrency import CONTAINER_LIMIT_MIN_HEADROOM_BYTES
 from memopt_pipeline.core.memory.planner import GiB, make_plan
 from memopt_pipeline.definitions import build_resources
+from memopt_pipeline.definitions import defs as local_defs
 from memopt_pipeline.deploy.k8s import build_k8s_definitions, defs
 
 INSTANCE_CONFIG = Path(memopt_pipeline.deploy.__file__).parent / "dagster.k8s.yaml"
@@ -64,6 +65,14 @@ def test_every_job_runs_on_the_k8s_executor():
     # Sensors that launch train_instances target the plan-sized job (one definition per name).
     targets = [j for s in repository.sensor_defs if s.has_jobs for j in s.jobs if j.name == "train_instances"]
     assert targets and all(isinstance(j.config, dg.PartitionedConfig) for j in targets)
+
+
+def test_the_budget_is_not_prefilled_from_the_code_servers_pod():
+    # The local code location pre-fills the budget of the process that loads it; in the cluster
+    # that is the code server's pod, so each step's guard takes a share of its own pod instead.
+    assert local_defs.resources["memory_guard"].budget_gb is not None
+    assert defs.resources["memory_guard"].budget_gb is None
+    assert defs.resources["chain_settings"] is local_defs.resources["chain_settings"]
 
 
 def test_instance_pods_request_the_predicted_peak_plus_the_margin(materialized_plan, tmp_path):

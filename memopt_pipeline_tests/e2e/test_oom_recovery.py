@@ -109,9 +109,26 @@ def output_dir(tmp_path, monkeypatch):
     return tmp_path / "out"
 
 
-@pytest.mark.parametrize("evidence, level", [(True, 1), (False, 0)], ids=["near-the-budget", "far-below-the-budget"])
+@pytest.fixture(scope="module")
+def clean_holdout(tiny_dataset, tmp_path_factory):
+    """The holdout evaluation of the same pipeline never killed: computed once for both cases
+    (each pipeline is ~15 step processes, minutes on 2 cores)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("MEMOPT_OUTPUT_DIR", str(tmp_path_factory.mktemp("clean") / "out"))
+        with dg.instance_for_test() as instance:
+            _pipeline(instance, tiny_dataset)
+            return latest_value(instance, "holdout_evaluation")
+
+
+# A kill without evidence is also covered, faster, by e2e/test_resume.py (a step killed far below the
+# budget is retried at the same level); here it runs with the slow tests.
+@pytest.mark.parametrize(
+    "evidence, level",
+    [(True, 1), pytest.param(False, 0, marks=pytest.mark.slow)],
+    ids=["near-the-budget", "far-below-the-budget"],
+)
 def test_sigkilled_instance_step_reruns_only_that_partition_at_the_level_the_evidence_says(
-    tiny_dataset, tmp_path, output_dir, monkeypatch, evidence, level
+    tiny_dataset, output_dir, clean_holdout, evidence, level
 ):
     with dg.instance_for_test() as instance:
         runs = _pipeline(instance, tiny_dataset, kill_partition="instance_1", evidence=evidence)
@@ -131,10 +148,5 @@ def test_sigkilled_instance_step_reruns_only_that_partition_at_the_level_the_evi
         assert killed_card["ladder"]["level"] == level
         killed_holdout = latest_value(instance, "holdout_evaluation")
 
-    clean_output = tmp_path / "clean_out"
-    monkeypatch.setenv("MEMOPT_OUTPUT_DIR", str(clean_output))
-    with dg.instance_for_test() as instance:
-        _pipeline(instance, tiny_dataset)
-        clean_holdout = latest_value(instance, "holdout_evaluation")
     assert killed_holdout["logloss"] == clean_holdout["logloss"]
     assert killed_holdout["per_class"] == clean_holdout["per_class"]

@@ -5,7 +5,8 @@ servers on 127.0.0.1 loading the project's workspace.yaml, the pipeline pointed 
 test dataset and a temporary output folder. In file order:
 
 - full_training through the GraphQL client: the chain sensors in the daemon launch the train
-  runs and the evaluation; materializations checked through GraphQL;
+  runs and the evaluation with the chain settings of its Launchpad config, and tag it with its
+  chain id; materializations checked through GraphQL; a misspelt setting refused at launch;
 - the UI pages of that run in headless Chromium (browser_check.py), and the plots behind their
   "Show Markdown" links, opened through the DevTools protocol;
 - an out-of-memory kill of one step in a train run, then a re-execution from failure
@@ -15,7 +16,6 @@ test dataset and a temporary output folder. In file order:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -33,11 +33,11 @@ import pytest
 import requests
 import yaml
 from dagster._core.instance.ref import InstanceRef
-from dagster_graphql import DagsterGraphQLClient
+from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from memopt_pipeline.assets import ALL_ASSETS
 from memopt_pipeline.automation.dataset_sensor import DATA_DIR_ENV, FINGERPRINT_TAG, INTERVAL_ENV
-from memopt_pipeline.automation.jobs import CHAIN_CONFIG_TAG, CHAIN_ID_TAG, CHAIN_TAG
+from memopt_pipeline.automation.jobs import CHAIN_ID_TAG, CHAIN_TAG
 from memopt_pipeline.automation.run_config import AUTOMATION_CONFIG_ENV
 from memopt_pipeline.core.memory.failures import text_is_out_of_memory
 from memopt_pipeline.resources.storage import OUTPUT_DIR_ENV
@@ -48,12 +48,15 @@ BIN = Path(sys.executable).parent
 LOCATION = "memopt_pipeline"  # workspace.yaml's location_name
 REPOSITORY = "__repository__"
 
-# Small and fast everywhere: few rounds, two folds, one thread, a SHAP sample of 100 rows.
-CHAIN_OPS = {
-    "cv_folds": {"config": {"n_folds": 2}},
-    "instance_model": {"config": {"max_rounds": 10, "num_threads": 1}},
-    "shap_summary": {"config": {"sample_rows": 100, "chunk_rows": 50}},
+# Small and fast everywhere: few rounds, two folds, one thread, a SHAP sample of 100 rows. As
+# the Launchpad holds them (the chain_settings resource), and as an automation file holds them
+# (the later stages' ops).
+CHAIN_SETTINGS = {
+    "cv_folds": {"n_folds": 2},
+    "instance_model": {"max_rounds": 10, "num_threads": 1},
+    "shap_summary": {"sample_rows": 100, "chunk_rows": 50},
 }
+CHAIN_OPS = {name: {"config": config} for name, config in CHAIN_SETTINGS.items()}
 BUDGET_GB = 4.0
 
 
@@ -216,7 +219,7 @@ def servers(tiny_dataset, tmp_path_factory):
         _wait_for("the webserver to load the code location", location_loaded, 180, servers)
         _wait_for("the daemon to report healthy", daemons_healthy, 180, servers)
         # Run status sensors only see runs that end after their first tick.
-        for sensor in ("chain_train_instances", "chain_evaluate_and_explain"):
+        for sensor in ("chain_train_instances", "chain_evaluate_and_explain", "tag_chain_start"):
             _wait_for(f"a first tick of {sensor}", lambda: _sensor_ticks(servers, sensor), 120, servers)
         yield servers
     finally:
@@ -275,16 +278,18 @@ def full_chain(servers):
                 "gene_split": {"config": {"sample_genes": 16}},
                 "instance_assignment": {"config": {"n_instances": 2}},
             },
-            "resources": {"memory_guard": {"config": {"budget_gb": BUDGET_GB}}},
+            "resources": {
+                "memory_guard": {"config": {"budget_gb": BUDGET_GB}},
+                "chain_settings": {"config": CHAIN_SETTINGS},
+            },
             # One process per run: the fastest for a tiny dataset; the chain keeps it for every run.
             "execution": {"config": {"in_process": {}}},
         },
-        tags={CHAIN_CONFIG_TAG: json.dumps({"ops": CHAIN_OPS})},
     )
     assert _wait_for_run(servers, root) == "SUCCESS", _messages(servers, root)[-3000:]
 
     def chain_finished():
-        runs = _runs(servers, tags=[{"key": CHAIN_ID_TAG, "value": root}])
+        runs = [r for r in _runs(servers, tags=[{"key": CHAIN_ID_TAG, "value": root}]) if r["runId"] != root]
         failed = [r for r in runs if r["status"] in ("FAILURE", "CANCELED")]
         assert not failed, f"chained run failed: {failed}\n{_messages(servers, failed[0]['runId'])[-3000:]}"
         evaluations = [r for r in runs if r["jobName"] == "evaluate_and_explain" and r["status"] == "SUCCESS"]
@@ -302,6 +307,9 @@ _ASSETS = """{ assetNodes { assetKey { path } isPartitioned partitionStats { num
 
 def test_full_training_chains_train_and_evaluate_runs(servers, full_chain):
     root, chain = full_chain
+    # The starting run is in its chain too: tag_chain_start tagged it when it was launched.
+    [start] = [r for r in _runs(servers, tags=[{"key": CHAIN_ID_TAG, "value": root}]) if r["runId"] == root]
+    assert start["jobName"] == "full_training" and start["tags"][CHAIN_TAG] == "full_training"
     by_job = {}
     for run in chain:
         by_job.setdefault(run["jobName"], []).append(run)
@@ -310,11 +318,13 @@ def test_full_training_chains_train_and_evaluate_runs(servers, full_chain):
     for run in chain:
         assert run["status"] == "SUCCESS"
         assert run["tags"][CHAIN_TAG] == "full_training" and run["tags"]["dagster/sensor_name"].startswith("chain_")
-        # The starting run's resources and the chain config reached every chained run.
+        # The starting run's resources and its chain settings reached every chained run.
         config = yaml.safe_load(run["runConfigYaml"])
-        assert config["resources"]["memory_guard"]["config"]["budget_gb"] == BUDGET_GB
+        assert config["resources"] == {"memory_guard": {"config": {"budget_gb": BUDGET_GB}}}
     train_config = yaml.safe_load(by_job["train_instances"][0]["runConfigYaml"])
-    assert train_config["ops"]["instance_model"]["config"]["max_rounds"] == 10
+    assert train_config["ops"]["instance_model"]["config"] == CHAIN_SETTINGS["instance_model"]
+    evaluate_config = yaml.safe_load(by_job["evaluate_and_explain"][0]["runConfigYaml"])
+    assert evaluate_config["ops"] == {"shap_summary": {"config": CHAIN_SETTINGS["shap_summary"]}}
 
     nodes = {tuple(n["assetKey"]["path"]): n for n in servers.query(_ASSETS)["assetNodes"]}
     chain_runs = {root, *(r["runId"] for r in chain)}
@@ -326,6 +336,19 @@ def test_full_training_chains_train_and_evaluate_runs(servers, full_chain):
     holdout = {e["label"]: e for e in nodes[("holdout_evaluation",)]["assetMaterializations"][0]["metadataEntries"]}
     assert holdout["logloss"]["floatValue"] < holdout["baseline_logloss"]["floatValue"]
     assert holdout["budget_gb"]["floatValue"] == BUDGET_GB
+
+
+def test_a_misspelt_chain_setting_is_refused_at_launch(servers, full_chain):
+    runs_before = len(_runs(servers, pipelineName="full_training"))
+    with pytest.raises(DagsterGraphQLClientError, match="RunConfigValidationInvalid") as refused:
+        servers.client.submit_job_execution(
+            "full_training",
+            repository_location_name=LOCATION,
+            repository_name=REPOSITORY,
+            run_config={"resources": {"chain_settings": {"config": {"instance_model": {"max_round": 10}}}}},
+        )
+    assert "max_round" in str(refused.value)  # Dagster's reason, as the Launchpad shows it
+    assert len(_runs(servers, pipelineName="full_training")) == runs_before  # no run was created
 
 
 def test_ui_pages_render_in_headless_chromium(servers, full_chain, tmp_path_factory):
@@ -455,7 +478,8 @@ def test_dataset_sensor_launches_full_training_when_a_shard_appears(servers, ful
     assert run["tags"][FINGERPRINT_TAG] in run["tags"]["dagster/run_key"]
     config = yaml.safe_load(run["runConfigYaml"])
     assert config["ops"]["source_dataset"]["config"]["path"] == str(servers.watched.resolve())
-    assert json.loads(run["tags"][CHAIN_CONFIG_TAG]) == {"ops": CHAIN_OPS}
+    # The automation file's later-stage ops became the run's chain settings.
+    assert config["resources"]["chain_settings"]["config"] == CHAIN_SETTINGS
     def tick_recorded():  # the tick is marked done a moment after its run is created
         return any(run["runId"] in t["runIds"] for t in _sensor_ticks(servers, "dataset_change_sensor"))
 

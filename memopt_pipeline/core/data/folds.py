@@ -89,14 +89,25 @@ def gene_folds(gene_stats: pl.DataFrame, *, n_folds: int, seed: int = 0) -> dict
     return dict(sorted(assignment.items()))
 
 
-def fast_validation_split(gene_stats: pl.DataFrame, *, validation_share: float = 0.05, seed: int = 0) -> dict[str, int]:
+FAST_VALIDATION_SHARE = 0.05
+
+
+def fold_groups(n_folds: int, *, fast: bool, validation_share: float = FAST_VALIDATION_SHARE) -> int:
+    """Gene groups cv_folds cuts an instance into, so the fewest genes an instance may have:
+    ``n_folds``, or in fast mode the 1/share groups its validation split is made of."""
+    return max(2, round(1.0 / validation_share)) if fast else n_folds
+
+
+def fast_validation_split(
+    gene_stats: pl.DataFrame, *, validation_share: float = FAST_VALIDATION_SHARE, seed: int = 0
+) -> dict[str, int]:
     """Fast mode: one gene-aware split, fold 1 = ``validation_share`` of the genes (by class
     counts), fold 0 = the rest. Built from :func:`gene_folds` with 1/share folds, one of which
     becomes the validation fold, so its class proportions are as close to the whole as a k-fold's.
     """
     if not 0.0 < validation_share <= 0.5:
         raise ValueError(f"validation_share must be in (0, 0.5], got {validation_share}")
-    n_folds = max(2, round(1.0 / validation_share))
+    n_folds = fold_groups(0, fast=True, validation_share=validation_share)
     if gene_stats.height < n_folds:
         raise ValueError(
             f"a {validation_share:.0%} validation split is made of {n_folds} gene groups and needs at least "
