@@ -42,6 +42,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # train_memory's helpers: dataset, child processes, wait4
 
 import train_memory  # noqa: E402
+
 from memopt_pipeline.core.units import GiB
 
 RESULTS_DIR = BENCH_DIR / "results"
@@ -292,8 +293,8 @@ def main_child(args: argparse.Namespace) -> int:
     from memopt_pipeline.core.data.batch_reader import BatchReader
     from memopt_pipeline.core.data.dataset import DatasetMetadata
     from memopt_pipeline.core.evaluate.ensemble import Ensemble, EnsembleMember
-    from memopt_pipeline.core.memory.monitor import StageMonitor
     from memopt_pipeline.core.memory.limits import available_memory_bytes
+    from memopt_pipeline.core.memory.monitor import StageMonitor
 
     spec = json.loads(Path(args.spec).read_text())
     metadata = DatasetMetadata.from_dict(spec["metadata"])

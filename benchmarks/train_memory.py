@@ -53,6 +53,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+
 from memopt_pipeline.core.units import GiB
 
 BENCH_DIR = Path(__file__).resolve().parent
