@@ -94,7 +94,21 @@ def run_report(
             "images": len(images) - len(missing),
             "stages": len(stages),
             "max_stage_peak_gb": max((s.peak_rss_gb for s in stages), default=0.0),
-            # The report's text; the images are in the file (they would bloat the event log twice).
+            # The report's text; its many images are in the file (they would bloat the event log twice).
             "preview": dg.MetadataValue.md(report.markdown(embed_images=False)),
+            # The three pictures that say most about a run, in one place in the UI (Dagster shows
+            # markdown this long behind one "Show Markdown" dialog): memory per stage, PR, SHAP.
+            "key_plots": dg.MetadataValue.md(_key_plots(images)),
         },
     )
+
+
+KEY_PLOT_WORDS = ("peak RSS per stage", "PR curves", "mean |SHAP|")  # titles from core/report/run_report.py
+
+
+def _key_plots(images) -> str:
+    """The report's stage peaks, PR curves and SHAP importance images as one markdown entry."""
+    chosen = [image for image in images if image.png is not None and any(w in image.title for w in KEY_PLOT_WORDS)]
+    if not chosen:
+        return "*no plots available*"
+    return "\n\n".join(image.render(embed=True) for image in chosen)

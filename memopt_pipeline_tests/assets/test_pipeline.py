@@ -189,3 +189,8 @@ def test_run_report_is_written_with_every_section_and_valid_plots(pipeline_run):
     assert all(png.startswith(PNG_SIGNATURE) for png in pngs)
     assert meta["stages"] >= len(HEAVY_STAGES) and meta["max_stage_peak_gb"] > 0
     assert "data:image" not in meta["preview"] and "## Holdout" in meta["preview"]
+    # One place in the UI with the three key pictures: stage peaks, PR curves, SHAP importance.
+    key = _embedded_pngs(meta["key_plots"])
+    assert len(key) == 3 and all(png.startswith(PNG_SIGNATURE) for png in key)
+    for title in ("peak RSS per stage", "PR curves", "mean |SHAP|"):
+        assert title in meta["key_plots"]
