@@ -7,8 +7,11 @@ test dataset and a temporary output folder. In file order:
 - full_training through the GraphQL client: the chain sensors in the daemon launch the train
   runs and the evaluation with the chain settings of its Launchpad config, and tag it with its
   chain id; materializations checked through GraphQL; a misspelt setting refused at launch;
-- the UI pages of that run in headless Chromium (browser_check.py), and the plots behind their
-  "Show Markdown" links, opened through the DevTools protocol;
+- the UI of that run in headless Chromium, driven through the DevTools protocol
+  (browser_check.py): the lineage and an asset page, every plot behind a "Show Markdown" link
+  of every asset page (memory timelines, PR and calibration curves, SHAP, the report's key
+  plots) opened and its image checked, and full_training's Launchpad pre-filled with the chain
+  settings and the memory budget; screenshots under $MEMOPT_SCREENSHOT_DIR or pytest's tmp;
 - an out-of-memory kill of one step in a train run, then a re-execution from failure
   through GraphQL that runs only that step;
 - the dataset sensor, started through GraphQL, launching full_training when a shard appears.
@@ -40,6 +43,7 @@ from memopt_pipeline.automation.dataset_sensor import DATA_DIR_ENV, FINGERPRINT_
 from memopt_pipeline.automation.jobs import CHAIN_ID_TAG, CHAIN_TAG
 from memopt_pipeline.automation.run_config import AUTOMATION_CONFIG_ENV
 from memopt_pipeline.core.memory.failures import text_is_out_of_memory
+from memopt_pipeline.resources.chain_settings import ChainSettings
 from memopt_pipeline.resources.storage import OUTPUT_DIR_ENV
 from memopt_pipeline_tests.e2e import browser_check
 
@@ -359,16 +363,43 @@ def test_ui_pages_render_in_headless_chromium(servers, full_chain, tmp_path_fact
             pytest.fail(f"{message} and {browser_check.REQUIRE_BROWSER_ENV}=1 requires it")
         pytest.skip(message)
     out = Path(os.environ.get("MEMOPT_SCREENSHOT_DIR") or tmp_path_factory.mktemp("ui_screenshots"))
-    screenshots = browser_check.check_pages(servers.url, out, chromium=chromium)
-    # The two pages, then the plots' dialogs (their images checked as decoded in the browser).
-    assert [p.name for p in screenshots] == [
-        "asset_graph.png",
-        "holdout_evaluation.png",
-        "holdout_evaluation_memory_timeline.png",
-        "holdout_evaluation_pr_curves.png",
+    # The plots of this run's assets, on one page per instance partition the chain trained.
+    _, chain = full_chain
+    partitions = tuple(sorted(r["tags"]["dagster/partition"] for r in chain if r["jobName"] == "train_instances"))
+    report = browser_check.check_pages(servers.url, out, chromium=chromium, plots=browser_check.plot_pages(partitions))
+    # The two pages, each shown with what it must show.
+    assert [p.name for p in report.pages] == ["asset_graph.png", "holdout_evaluation.png"]
+    # Every plot dialog: each image an inline PNG that decoded in the browser, drawn at least
+    # MIN_PLOT_WIDTH_PX wide (checked there), and the dialog screenshotted.
+    timeline = "memory_timeline"
+    assert [(p.page, p.label) for p in report.plots] == [
+        ("dataset_metadata", timeline),
+        ("feature_screening", timeline),
+        ("instance_model_instance_0", timeline),
+        ("instance_model_instance_1", timeline),
+        ("holdout_evaluation", timeline),
+        ("holdout_evaluation", "pr_curves"),
+        ("holdout_evaluation", "calibration_curve"),
+        ("shap_summary", timeline),
+        ("shap_summary", "shap_importance"),
+        ("shap_summary", "shap_beeswarm"),
+        ("run_report", "key_plots"),
     ]
-    assert all(p.stat().st_size > 10_000 for p in screenshots[2:]), [(p.name, p.stat().st_size) for p in screenshots]
-    print(f"screenshots: {[str(p) for p in screenshots]}")
+    for plot in report.plots:
+        assert plot.path.name == f"{plot.page}_{plot.label}.png" and plot.path.parent == out
+        assert len(plot.images) == (3 if plot.label == "key_plots" else 1), plot
+        assert all(width >= browser_check.MIN_PLOT_WIDTH_PX and height > 0 for width, height in plot.images), plot
+    # The Launchpad of full_training: pre-filled with the chain settings' defaults and a memory
+    # budget, both on screen, and valid as it stands.
+    launchpad = report.launchpad
+    assert launchpad is not None and launchpad.path.name == "launchpad_full_training.png"
+    resources = launchpad.config["resources"]
+    assert resources["chain_settings"]["config"] == ChainSettings().model_dump()
+    assert resources["memory_guard"]["config"]["budget_gb"] > 0
+    assert "max_rounds: 300" in launchpad.visible and "budget_gb: " in launchpad.visible
+    for png in report.screenshots:
+        assert png.read_bytes()[:8] == browser_check.PNG_SIGNATURE and png.stat().st_size > 10_000, (png, png.stat().st_size)
+    print(f"screenshots ({len(report.screenshots)}): {out}; still changing when captured: {report.unsettled or 'none'}")
 
 
 class _StepKiller(threading.Thread):
