@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from memopt_pipeline.core.memory.measure import physical_memory_bytes
 from memopt_pipeline.core.units import GiB
+
+T = TypeVar("T")
 
 # cgroup v1 reports "no limit" as a huge page-aligned number (e.g. 9223372036854771712).
 _CGROUP_V1_UNLIMITED = 2**60
@@ -27,21 +30,27 @@ def _read_limit(path: Path) -> int | None:
     return value if value < _CGROUP_V1_UNLIMITED else None
 
 
-def _limits_along(hierarchy_root: Path, cgroup_path: str, filename: str) -> list[int]:
-    """Limits found in ``filename`` from ``hierarchy_root/cgroup_path`` up to ``hierarchy_root``.
+def along_cgroup_path(hierarchy_root: Path, cgroup_path: str, read: Callable[[Path], T | None]) -> list[T]:
+    """``read(directory)`` at every level from ``hierarchy_root/cgroup_path`` up to ``hierarchy_root``,
+    the values that are not None.
 
     A parent's limit caps its children, so every level counts. Inside a container with a
     cgroup namespace the path is "/" and only the root level exists, which is fine.
     """
     directory = hierarchy_root / cgroup_path.strip("/")
-    limits = []
+    values = []
     while True:
-        limit = _read_limit(directory / filename)
-        if limit is not None:
-            limits.append(limit)
+        value = read(directory)
+        if value is not None:
+            values.append(value)
         if directory == hierarchy_root or hierarchy_root not in directory.parents:
-            return limits
+            return values
         directory = directory.parent
+
+
+def _limits_along(hierarchy_root: Path, cgroup_path: str, filename: str) -> list[int]:
+    """Limits found in ``filename`` from ``hierarchy_root/cgroup_path`` up to ``hierarchy_root``."""
+    return along_cgroup_path(hierarchy_root, cgroup_path, lambda directory: _read_limit(directory / filename))
 
 
 def cgroup_memory_limit_bytes(

@@ -17,18 +17,7 @@ import math
 import os
 from pathlib import Path
 
-
-def _quota_along(hierarchy_root: Path, cgroup_path: str, read) -> list[float]:
-    """CPU quotas (in CPUs) from ``hierarchy_root/cgroup_path`` up to the root: a parent's caps its children."""
-    directory = hierarchy_root / cgroup_path.strip("/")
-    quotas = []
-    while True:
-        quota = read(directory)
-        if quota is not None:
-            quotas.append(quota)
-        if directory == hierarchy_root or hierarchy_root not in directory.parents:
-            return quotas
-        directory = directory.parent
+from memopt_pipeline.core.memory.limits import along_cgroup_path
 
 
 def _v2_quota(directory: Path) -> float | None:
@@ -71,9 +60,9 @@ def cgroup_cpu_quota(
     root = Path(cgroup_root)
     quotas = []
     for v1_folder in ("cpu", "cpu,cpuacct"):
-        quotas += _quota_along(root / v1_folder, v1_path, _v1_quota)
+        quotas += along_cgroup_path(root / v1_folder, v1_path, _v1_quota)
     if v2_path is not None:
-        quotas += _quota_along(root, v2_path, _v2_quota)
+        quotas += along_cgroup_path(root, v2_path, _v2_quota)
     return min(quotas) if quotas else None
 
 
