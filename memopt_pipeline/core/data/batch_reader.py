@@ -10,7 +10,8 @@ stage reads can be counted. Reading is shard by shard, row group by row group:
 - the remaining rows are filtered to the gene set and converted into a C-contiguous float32
   matrix of at most ``batch_rows`` rows, a block of columns at a time, so no float64 copy of
   the batch ever exists;
-- each shard's footer is parsed once per reader, not once per pass.
+- each shard's column names, row-group sizes and gene ranges are summarised once per reader
+  (each pass still opens the shard, which parses its footer, to read it).
 
 Order is deterministic (shard order, then row order), so two passes over the same genes
 (labels first, features next) line up row for row.
