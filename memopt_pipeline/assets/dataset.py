@@ -7,9 +7,9 @@ import dagster as dg
 from pydantic import Field
 
 from memopt_pipeline.assets.versioning import versioned_output
-from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
+from memopt_pipeline.core.data.dataset import scan_dataset
 from memopt_pipeline.core.data.fingerprint import dataset_fingerprint
-from memopt_pipeline.core.data.ingest import ingest_csv, is_csv_input
+from memopt_pipeline.core.data.ingest import ingest_csv, is_csv_input, parquet_layout, reshard_parquet
 from memopt_pipeline.core.data.synthetic import (
     GENE_COLUMN,
     GENERATOR_VERSION,
@@ -25,9 +25,11 @@ DEFAULT_DEMO_DIR = "data/demo"
 class DatasetConfig(dg.Config):
     path: str = Field(
         default="",
-        description="Parquet file or folder of Parquet shards (sorted by gene for best reads), or a CSV "
-        "file / folder of CSVs (.csv, .csv.gz), which is streamed into gene-sorted Parquet shards under the "
-        "output folder. Empty: generate the demo splice-site dataset in demo_dir.",
+        description="Parquet file or folder of Parquet shards (sorted by gene for best reads; one with a row "
+        "group of more than 131,072 rows, as pandas writes them, or rows not grouped by gene is re-sharded once "
+        "into gene-sorted shards under the output folder), or a CSV file / folder of CSVs (.csv, .csv.gz), which "
+        "is streamed into gene-sorted Parquet shards under the output folder. Empty: generate the demo "
+        "splice-site dataset in demo_dir.",
     )
     gene_column: str = Field(default=GENE_COLUMN, description="Column holding the group (gene) id of each row.")
     label_column: str = Field(default=LABEL_COLUMN, description="Column holding the class label of each row.")
@@ -53,10 +55,12 @@ def source_version_settings(config: DatasetConfig) -> dict:
 def source_dataset(
     context: dg.AssetExecutionContext, config: DatasetConfig, memory_guard: MemoryGuard, artifacts: ArtifactStore
 ) -> dg.Output[dict]:
-    """The Parquet shards to train on: the configured Parquet path, CSV input streamed into gene-sorted
-    Parquet shards, or the generated demo splice-site dataset."""
+    """The Parquet shards to train on: the configured Parquet path (re-sharded into gene-sorted shards
+    with small row groups if its layout would make every pass decode it whole), CSV input streamed into
+    gene-sorted Parquet shards, or the generated demo splice-site dataset."""
     generated = not config.path
     ingested = bool(config.path) and is_csv_input(config.path)
+    resharded = False
     ingest_metadata: dict = {}
     if generated:
         spec = SyntheticSpec(n_genes=config.demo_genes, seed=config.demo_seed)
@@ -80,8 +84,31 @@ def source_dataset(
         shards = result.shards
         ingest_metadata = {"csv_rows": result.rows, "csv_gb": result.input_bytes / 1024**3, **MemoryGuard.metadata(monitor)}
     else:
-        root = Path(config.path)
-        shards = list_shards(root)
+        layout = parquet_layout(config.path, gene_column=config.gene_column)  # footers only
+        resharded = layout.needs_reshard
+        if resharded:
+            # Like the CSV ingest: a fixed folder, reused by its manifest while the input is unchanged.
+            root = artifacts.path("source_dataset", "resharded")
+            context.log.info(f"re-sharding the Parquet input into gene-sorted shards in {root}: {layout.reason}")
+            with memory_guard.stage(context, "parquet_reshard") as monitor:
+                result = reshard_parquet(
+                    config.path,
+                    root,
+                    gene_column=config.gene_column,
+                    budget_bytes=memory_guard.budget_bytes(),
+                    progress=context.log.info,
+                    checkpoint=monitor.check,
+                )
+            shards = result.shards
+            ingest_metadata = {
+                "reshard_reason": layout.reason,
+                "input_rows": result.rows,
+                "input_largest_row_group": layout.largest_row_group,
+                **MemoryGuard.metadata(monitor),
+            }
+        else:
+            root = Path(config.path)
+            shards = layout.files
     shard_paths = [str(Path(s).resolve()) for s in shards]
     disk_bytes = sum(Path(s).stat().st_size for s in shard_paths)
     value = {
@@ -102,6 +129,7 @@ def source_dataset(
             "disk_gb": disk_bytes / 1024**3,
             "generated_demo": generated,
             "ingested_from_csv": ingested,
+            "resharded_from_parquet": resharded,
             **ingest_metadata,
             "dataset_path": dg.MetadataValue.path(str(root.resolve())),
         },

@@ -29,45 +29,43 @@ Passes
 ``checkpoint`` (the memory guard's cooperative check, if given) runs after every parsed block
 of both passes and for every shard written, in the calling thread, so a stage over its budget
 stops there with a clean, retryable error; the spill folder is removed on success and on
-error. No Dagster import here.
+error. What is not about reading CSV (reuse, planning, routing, finalizing) lives in
+:mod:`.common`, shared with the Parquet re-shard (:mod:`.parquet_reshard`). No Dagster import here.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from memopt_pipeline.core.data.dataset import DatasetError
 from memopt_pipeline.core.data.ingest.columns import check_headers, infer_types
+from memopt_pipeline.core.data.ingest.common import (
+    IngestResult,
+    check_genes,
+    check_routed,
+    count_genes,
+    finish,
+    plan_shards,
+    reused_result,
+    route_batch,
+    spill_folder,
+)
 from memopt_pipeline.core.data.ingest.csv_blocks import BlockStream
 from memopt_pipeline.core.data.ingest.inputs import find_csv_inputs
-from memopt_pipeline.core.data.ingest.manifest import (
-    remove_previous_output,
-    reusable_manifest,
-    source_entries,
-    write_manifest,
-)
-from memopt_pipeline.core.data.ingest.progress import IngestProgress, format_duration
-from memopt_pipeline.core.data.ingest.shard_plan import (
-    SHARD_BUDGET_FRACTION,
-    GeneRange,
-    default_rows_per_shard,
-    max_open_spills,
-    plan_ranges,
-)
-from memopt_pipeline.core.data.ingest.shard_writer import write_shards
-from memopt_pipeline.core.data.ingest.spills import SPILL_PREFIX, Spills, remove_stale_spills
+from memopt_pipeline.core.data.ingest.manifest import source_entries
+from memopt_pipeline.core.data.ingest.progress import IngestProgress
+from memopt_pipeline.core.data.ingest.shard_plan import GeneRange, max_open_spills
+from memopt_pipeline.core.data.ingest.spills import Spills
 from memopt_pipeline.core.units import GiB, MiB
+
+__all__ = ["IngestResult", "ingest_csv"]
 
 MIN_BLOCK_BYTES = 1024
 BLOCKS_PER_BUDGET = 64  # block_bytes <= budget / 64: the few blocks in flight stay far below it
@@ -75,16 +73,6 @@ BLOCKS_PER_BUDGET = 64  # block_bytes <= budget / 64: the few blocks in flight s
 
 def _no_check() -> None:
     pass
-
-
-@dataclass
-class IngestResult:
-    shards: list[Path]
-    rows: int
-    genes: int
-    input_bytes: int
-    seconds: float
-    peak_rss_bytes: int  # highest process_rss_bytes() sampled at each block and shard
 
 
 class _Ingest:
@@ -128,11 +116,8 @@ class _Ingest:
                              include_columns=[self.gene_column], parse_options=self.parse_options) as stream:
                 for batch in stream:
                     genes = batch.column(0)
-                    self._check_genes(genes, path, rows)
-                    counted = pc.value_counts(genes)
-                    self.gene_counts.update(
-                        dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
-                    )
+                    check_genes(genes, path, rows, self.gene_column)
+                    count_genes(genes, self.gene_counts)
                     rows += batch.num_rows
                     self.tracker.advance(batch.num_rows)
                     self.checkpoint()
@@ -144,22 +129,11 @@ class _Ingest:
                 f"{self.files[0]} has a header but no data rows; write the rows or point at the right input"
             )
 
-    def _check_genes(self, genes: pa.Array, path: Path, rows_before: int) -> None:
-        blank = pc.or_kleene(pc.is_null(genes), pc.equal(pc.utf8_trim_whitespace(genes), ""))
-        bad = int(pc.sum(pc.cast(pc.fill_null(blank, True), pa.int64())).as_py() or 0)
-        if bad:
-            first = rows_before + int(np.flatnonzero(pc.fill_null(blank, True).to_numpy(zero_copy_only=False))[0]) + 1
-            raise DatasetError(
-                f"{path}: {bad} row(s) in this block have an empty {self.gene_column!r} (first: data row {first:,}); "
-                "every row needs a gene: fill in or drop those rows"
-            )
-
     # -- pass 2
 
     def spill(self, ranges: list[GeneRange]) -> Spills:
         """Route every row to its range's spill files."""
         starts = np.array([r.first_gene for r in ranges])
-        expected = np.array([r.rows for r in ranges], dtype=np.int64)
         spills = Spills(self.spill_dir, len(ranges))
         max_open = max_open_spills()
         sweeps = [(lo, min(lo + max_open, len(ranges))) for lo in range(0, len(ranges), max_open)]
@@ -188,53 +162,18 @@ class _Ingest:
                                 self.types.update((field.name, field.type) for field in batch.schema)
                                 schema = self.schema()
                                 spills.new_generation()
-                            self._route(batch, gene_index, starts, lo, hi, routed, spills, path)
+                            route_batch(batch, batch.column(gene_index), starts, lo, hi, routed, spills, path)
                             self.tracker.advance(batch.num_rows)
                             self.checkpoint()
                 spills.close()
         finally:
             spills.close()
 
-        if not np.array_equal(routed, expected):
-            bad = int(np.flatnonzero(routed != expected)[0])
-            raise DatasetError(
-                f"the input changed while it was ingested: pass 1 counted {int(expected[bad]):,} rows for genes "
-                f"{ranges[bad].first_gene}..{ranges[bad].last_gene}, pass 2 read {int(routed[bad]):,}; "
-                "re-run once the CSV files are no longer being written"
-            )
+        check_routed(routed, ranges, "CSV")
         return spills
 
     def schema(self) -> pa.Schema:
         return pa.schema([(name, self.types[name]) for name in self.names])
-
-    def _route(self, batch, gene_index, starts, lo, hi, routed, spills, path) -> None:
-        if batch.num_rows == 0:
-            return
-        encoded = pc.dictionary_encode(batch.column(gene_index))
-        distinct = np.array(encoded.dictionary.to_pylist())
-        range_of_distinct = np.searchsorted(starts, distinct, side="right") - 1
-        if (range_of_distinct < 0).any():
-            raise DatasetError(
-                f"{path}: gene {distinct[range_of_distinct < 0][0]!r} was not there in pass 1; "
-                "the input changed while it was ingested, re-run once it is complete"
-            )
-        row_range = range_of_distinct[encoded.indices.to_numpy(zero_copy_only=False)]
-        if lo > 0 or hi < len(starts):
-            selected = np.flatnonzero((row_range >= lo) & (row_range < hi))
-            order = selected[np.argsort(row_range[selected], kind="stable")]
-        else:
-            order = np.argsort(row_range, kind="stable")
-        if order.size == 0:
-            return
-        per_range = np.bincount(row_range[order] - lo, minlength=hi - lo)
-        by_range = batch.take(pa.array(order))
-        offset = 0
-        for local in np.flatnonzero(per_range):
-            count = int(per_range[local])
-            index = lo + int(local)
-            spills.write(index, by_range.slice(offset, count))
-            routed[index] += count
-            offset += count
 
 
 def ingest_csv(
@@ -272,17 +211,9 @@ def ingest_csv(
     sources = source_entries(files)
     input_bytes = sum(entry["bytes"] for entry in sources)
 
-    manifest = reusable_manifest(out_dir, sources, gene_column) if out_dir.is_dir() else None
-    if manifest is not None:
-        tracker.log(f"ingest: reusing {len(manifest['shards'])} shards in {out_dir} (the CSV input is unchanged)")
-        return IngestResult(
-            shards=[out_dir / name for name in manifest["shards"]],
-            rows=int(manifest["rows"]),
-            genes=int(manifest["genes"]),
-            input_bytes=input_bytes,
-            seconds=time.monotonic() - started,
-            peak_rss_bytes=tracker.sample(),
-        )
+    reused = reused_result(out_dir, sources, gene_column, tracker, started, label="ingest", what="CSV")
+    if reused is not None:
+        return reused
 
     cap = max(MiB, budget_bytes // BLOCKS_PER_BUDGET)
     if block_bytes > cap:
@@ -295,61 +226,21 @@ def ingest_csv(
         f"budget {budget_bytes / GiB:.2f} GiB, blocks of {block_bytes / MiB:.1f} MiB"
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_spills(out_dir)
-    spill_dir = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=out_dir))
-    try:
+    with spill_folder(out_dir) as spill_dir:
         checkpoint = checkpoint or _no_check
         job = _Ingest(files, spill_dir, gene_column, budget_bytes, block_bytes, tracker, checkpoint)
         job.check_headers()
         job.infer_types()
         job.count_genes()
-
-        derived = rows_per_shard is None
-        if derived:
-            rows_per_shard = default_rows_per_shard(budget_bytes, job.bytes_per_row)
-        ranges = plan_ranges(job.gene_counts, rows_per_shard)
-        total_rows = sum(job.file_rows.values())
-        biggest = max(r.rows for r in ranges)
-        tracker.log(
-            f"ingest plan: {input_bytes / GiB:.1f} GiB in {len(files)} file(s) -> {len(ranges)} shards of "
-            f"~{rows_per_shard:,} rows ({total_rows:,} rows, {len(job.gene_counts):,} genes, "
-            f"~{job.bytes_per_row:,.0f} B/row in Arrow"
-            + (f", rows_per_shard from {SHARD_BUDGET_FRACTION:.0%} of the budget)" if derived else ")")
-            + (f"; largest shard {biggest:,} rows (a gene is never split)" if biggest > rows_per_shard else "")
+        ranges, rows_per_shard = plan_shards(
+            job.gene_counts, rows_per_shard=rows_per_shard, budget_bytes=budget_bytes,
+            bytes_per_row=job.bytes_per_row, input_bytes=input_bytes, n_files=len(files), tracker=tracker,
+            label="ingest",
         )
-
         spills = job.spill(ranges)
-
-        if source_entries(files) != sources:
-            raise DatasetError(f"{path}: the CSV input changed while it was ingested; re-run once it is complete")
-        remove_previous_output(out_dir)
-        shards = write_shards(out_dir, ranges, spills, job.schema(), gene_column, tracker, checkpoint=checkpoint)
-        write_manifest(
-            out_dir,
-            gene_column=gene_column,
-            sources=sources,
-            rows=total_rows,
-            genes=len(job.gene_counts),
-            rows_per_shard=rows_per_shard,
-            shards=shards,
-            shard_rows=[r.rows for r in ranges],
-            columns={name: str(job.types[name]) for name in job.names},
+        return finish(
+            out_dir, files=files, sources=sources, input_path=path, ranges=ranges, spills=spills,
+            schema=job.schema(), gene_column=gene_column, rows_per_shard=rows_per_shard,
+            genes=len(job.gene_counts), tracker=tracker, checkpoint=checkpoint, started=started,
+            label="ingest", what="CSV",
         )
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
-
-    seconds = time.monotonic() - started
-    rate = total_rows / max(seconds, 1e-9)
-    tracker.log(
-        f"ingest: {total_rows:,} rows, {len(job.gene_counts):,} genes -> {len(shards)} shards in {out_dir} "
-        f"({format_duration(seconds)}, {rate:,.0f} rows/s, peak {tracker.peak_rss / GiB:.2f} GiB)"
-    )
-    return IngestResult(
-        shards=shards,
-        rows=total_rows,
-        genes=len(job.gene_counts),
-        input_bytes=input_bytes,
-        seconds=seconds,
-        peak_rss_bytes=tracker.peak_rss,
-    )

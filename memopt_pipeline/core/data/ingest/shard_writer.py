@@ -37,8 +37,12 @@ def write_shards(
     tracker: IngestProgress,
     *,
     checkpoint: Callable[[], None] | None = None,
+    label: str = "ingest",
 ) -> list[Path]:
-    """Write ``out_dir/part-NNNNN.parquet`` for every range, deleting its spill files; the shard paths."""
+    """Write ``out_dir/part-NNNNN.parquet`` for every range, deleting its spill files; the shard paths.
+
+    ``spills`` is a :class:`Spills` or anything with its ``read(index, schema)`` and ``remove(index)``;
+    ``label`` starts the log lines."""
     sort_keys = [(gene_column, "ascending")]
     if "position" in schema.names:
         sort_keys.append(("position", "ascending"))
@@ -67,7 +71,7 @@ def write_shards(
         shards.append(destination)
         rss = tracker.sample()
         tracker.log(
-            f"ingest: shard {index + 1}/{len(ranges)} {destination.name}: {rows:,} rows, "
+            f"{label}: shard {index + 1}/{len(ranges)} {destination.name}: {rows:,} rows, "
             f"{plan.genes:,} genes ({plan.first_gene}..{plan.last_gene}), {tracker.rss_text(rss)}"
         )
     return shards

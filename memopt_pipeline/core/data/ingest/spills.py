@@ -6,6 +6,9 @@ closed (measured: 1,000 row groups x 200 columns = 178 MB), i.e. per block x ran
 which grows with the input. An IPC stream keeps nothing per written batch, and uncompressed it
 writes 5x and reads 8x faster than with lz4 (each spill is read once, soon after).
 
+The Parquet re-shard reads wide input a column group at a time (:mod:`.parquet_reshard`); its
+:class:`ColumnGroupSpills` keeps a :class:`Spills` per group and joins them column-wise per range.
+
 Disk: spill files take about the Arrow size of the data, on the disk of ``out_dir``, until
 their shard is written. The spill folder is removed on success and on error; folders left by
 a killed run are removed at the next start (:func:`remove_stale_spills`).
@@ -67,6 +70,34 @@ class Spills:
     def remove(self, index: int) -> None:
         for path in self.files[index]:
             path.unlink(missing_ok=True)
+
+
+class ColumnGroupSpills:
+    """Spill files per column group (:class:`Spills` each), read back joined column-wise."""
+
+    def __init__(self, folder: Path, n_ranges: int, schemas: list[pa.Schema]):
+        self.schemas = schemas
+        self.groups: list[Spills] = []
+        for index in range(len(schemas)):
+            sub = folder / f"columns-{index:03d}"
+            sub.mkdir()
+            self.groups.append(Spills(sub, n_ranges))
+
+    def read(self, index: int, schema: pa.Schema) -> pa.Table:
+        columns: dict[str, pa.ChunkedArray] = {}
+        for spills, group_schema in zip(self.groups, self.schemas):
+            table = spills.read(index, group_schema)
+            columns.update(zip(table.column_names, table.columns))
+            del table
+        return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+
+    def remove(self, index: int) -> None:
+        for spills in self.groups:
+            spills.remove(index)
+
+    def close(self) -> None:
+        for spills in self.groups:
+            spills.close()
 
 
 def remove_stale_spills(out_dir: Path) -> None:
