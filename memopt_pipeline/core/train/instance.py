@@ -7,6 +7,7 @@ Two phases, whatever the backend (the number of trees is learnt, then the model 
    held-out genes: these out-of-fold predictions give the per-fold metrics (multi-logloss,
    per-class PR-AUC) and the data to fit calibration on;
 2. refit on all the instance's genes for the mean best iteration, without early stopping.
+The loop that drives a backend through them is :func:`memopt_pipeline.core.train.loop.train_two_phases`.
 
 Fast mode is a single validation fold (a 95%/5% gene split): see ``validation_folds``.
 """

@@ -6,7 +6,8 @@ streamed pass (:class:`StreamingRows`, one batch held, labels collected on the w
 with room in the plan the folds are cut out of the instance's binned rows instead of being
 streamed again.
 
-The two phases and their bookkeeping are in :mod:`memopt_pipeline.core.train.instance`;
+The two phases are :func:`memopt_pipeline.core.train.loop.train_two_phases`, driving
+:class:`LightGBMBackend`; their bookkeeping is in :mod:`memopt_pipeline.core.train.instance`.
 LightGBM's ``best_iteration`` is already a count of trees.
 
 Objectives: ``softmax`` (one multiclass model) or ``ovr`` (one-vs-rest: one binary model per
@@ -18,7 +19,6 @@ wherever they are used as a distribution.
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Collection, Iterator
 
 import lightgbm as lgb
@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.train.callbacks import lightgbm_progress_callback
-from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, PhaseOne, predict_genes
+from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, predict_genes
+from memopt_pipeline.core.train.loop import FoldSplit, train_two_phases
 from memopt_pipeline.core.train.threads import resolve_threads
 
 
@@ -159,6 +160,110 @@ def build_dataset(
     return dataset, (np.concatenate(rows.folds) if fold_of_gene is not None else None)
 
 
+class LightGBMBackend:
+    """LightGBM's steps of :func:`loop.train_two_phases`.
+
+    Bin edges come once per instance from a sampled read (:func:`bin_reference`). With
+    ``cut_folds`` the instance is binned in one pass in :meth:`prepare` and every fold's
+    training and validation sets are cut out of it (``Dataset.subset``), the refit trains on
+    it directly; otherwise each fold streams its own sets, and the refit all the rows.
+    """
+
+    def __init__(
+        self,
+        reader: BatchReader,
+        fold_of_gene: dict[str, int],
+        *,
+        params: BoostingParams,
+        lgb_params: dict,
+        batch_rows: int,
+        bin_sample_rows: int,
+        callbacks: list,
+        log: Callable[[str], None],
+        cut_folds: bool,
+    ):
+        self.reader, self.fold_of_gene, self.params, self.lgb_params = reader, fold_of_gene, params, lgb_params
+        self.batch_rows, self.bin_sample_rows, self.callbacks, self.log = batch_rows, bin_sample_rows, callbacks, log
+        self.cut_folds = cut_folds
+        self._reference: lgb.Dataset | None = None
+        self._full_set: lgb.Dataset | None = None  # the instance binned once (cut_folds)
+        self._row_folds: np.ndarray | None = None  # the fold of each of its rows
+
+    def _dataset(self, genes: Collection[str], purpose: str, **options) -> tuple[lgb.Dataset, np.ndarray | None]:
+        return build_dataset(
+            self.reader, genes, batch_rows=self.batch_rows, lgb_params=self.lgb_params, reference=self._reference,
+            purpose=purpose, **options,
+        )  # fmt: skip
+
+    def prepare(self, genes: list[str]) -> None:
+        self.log(f"binning: bin edges from a sample of up to {self.bin_sample_rows:,} rows")
+        self._reference = bin_reference(
+            self.reader, genes, bin_sample_rows=self.bin_sample_rows, seed=self.params.seed, lgb_params=self.lgb_params
+        )
+        if self.cut_folds:
+            self.log(f"binning all {len(genes)} genes once; folds are cut from the binned rows")
+            self._full_set, self._row_folds = self._dataset(
+                genes, "binning the instance", fold_of_gene=self.fold_of_gene
+            )
+
+    def fold_matrices(self, split: FoldSplit) -> tuple[lgb.Dataset, lgb.Dataset]:
+        if self._full_set is not None:
+            in_fold = self._row_folds == split.fold
+            train = self._full_set.subset(np.flatnonzero(~in_fold).astype(np.int32), params=self.lgb_params)
+            return train, self._full_set.subset(np.flatnonzero(in_fold).astype(np.int32), params=self.lgb_params)
+        self.log(f"{split.heading}: binning {len(split.train_genes)} training genes")
+        train, _ = self._dataset(split.train_genes, f"{split.name} binning train")
+        valid, _ = self._dataset(split.valid_genes, f"{split.name} binning valid")
+        return train, valid
+
+    def fit(self, train: lgb.Dataset, valid: lgb.Dataset, label: str) -> tuple[lgb.Booster, int]:
+        booster = lgb.train(
+            self.lgb_params,
+            train,
+            num_boost_round=self.params.max_rounds,
+            valid_sets=[valid],
+            valid_names=["valid"],
+            callbacks=[
+                lgb.early_stopping(self.params.early_stopping_rounds, verbose=False),
+                lightgbm_progress_callback(self.log, label, self.params.max_rounds),
+                *self.callbacks,
+            ],
+        )
+        # With early stopping LightGBM's best_iteration is the number of trees to keep
+        # (1-based); if stopping never triggered it is 0, meaning "all rounds".
+        return booster, booster.best_iteration or booster.current_iteration()
+
+    def rows(self, matrix: lgb.Dataset) -> int:
+        return matrix.num_data()
+
+    def free(self, model: lgb.Booster) -> None:
+        # The booster holds references to the sets it was trained and validated on.
+        model.free_dataset()
+
+    def predict(self, model: lgb.Booster, genes: list[str], best: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+        return predict_genes(
+            self.reader, genes, lambda x: model.predict(x, num_iteration=best),
+            batch_rows=self.batch_rows, purpose=f"{label} out-of-fold prediction",
+        )  # fmt: skip
+
+    def refit_matrix(self, genes: list[str]) -> lgb.Dataset:
+        if self._full_set is not None:  # handed over: freed once the refit is done with it
+            full, self._full_set, self._row_folds = self._full_set, None, None
+            return full
+        return self._dataset(genes, "refit binning")[0]
+
+    def refit(self, matrix: lgb.Dataset, num_rounds: int) -> lgb.Booster:
+        return lgb.train(
+            self.lgb_params,
+            matrix,
+            num_boost_round=num_rounds,
+            callbacks=[lightgbm_progress_callback(self.log, "refit", num_rounds), *self.callbacks],
+        )
+
+    def close(self) -> None:
+        self._reference = self._full_set = self._row_folds = None
+
+
 def train_instance(
     reader: BatchReader,
     fold_of_gene: dict[str, int],
@@ -183,82 +288,13 @@ def train_instance(
     ``row_wise``: LightGBM's row-wise histograms (faster, one more copy of the binned rows).
 
     ``validation_folds`` None: every fold is validated once (k-fold); otherwise only those
-    (fast mode: one 5% fold)."""
+    (fast mode: one 5% fold). The loop itself is :func:`loop.train_two_phases`."""
     lgb_params = lightgbm_params(
         params, n_classes=reader.metadata.n_classes, bin_sample_rows=bin_sample_rows, row_wise=row_wise
     )
-    phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)
-    log(f"binning: bin edges from a sample of up to {bin_sample_rows:,} rows")
-    reference = bin_reference(reader, phase.all_genes, bin_sample_rows=bin_sample_rows, seed=params.seed, lgb_params=lgb_params)
-    full_set = row_folds = None
-    if cut_folds:
-        log(f"binning all {len(phase.all_genes)} genes once; folds are cut from the binned rows")
-        full_set, row_folds = build_dataset(
-            reader, phase.all_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference,
-            purpose="binning the instance", fold_of_gene=fold_of_gene,
-        )  # fmt: skip
-    for fold in phase.folds:
-        started = time.monotonic()
-        train_genes, valid_genes = phase.split(fold)
-        if full_set is not None:
-            train_set = full_set.subset(np.flatnonzero(row_folds != fold).astype(np.int32), params=lgb_params)
-            valid_set = full_set.subset(np.flatnonzero(row_folds == fold).astype(np.int32), params=lgb_params)
-        else:
-            log(f"phase 1, fold {fold + 1}/{len(phase.folds)}: binning {len(train_genes)} training genes")
-            train_set, _ = build_dataset(
-                reader, train_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference,
-                purpose=f"fold {fold + 1} binning train",
-            )  # fmt: skip
-            valid_set, _ = build_dataset(
-                reader, valid_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference,
-                purpose=f"fold {fold + 1} binning valid",
-            )  # fmt: skip
-        booster = lgb.train(
-            lgb_params,
-            train_set,
-            num_boost_round=params.max_rounds,
-            valid_sets=[valid_set],
-            valid_names=["valid"],
-            callbacks=[
-                lgb.early_stopping(params.early_stopping_rounds, verbose=False),
-                lightgbm_progress_callback(log, f"fold {fold + 1}", params.max_rounds),
-                *(callbacks or []),
-            ],
-        )
-        # With early stopping LightGBM's best_iteration is the number of trees to keep
-        # (1-based); if stopping never triggered it is 0, meaning "all rounds".
-        best = booster.best_iteration or booster.current_iteration()
-        train_rows, valid_rows = train_set.num_data(), valid_set.num_data()
-        # The fold's binned sets are not needed to predict: free them (the booster holds
-        # references to both) before streaming the held-out genes.
-        booster.free_dataset()
-        del train_set, valid_set
-        release()
-        labels, proba = predict_genes(
-            reader, valid_genes, lambda x: booster.predict(x, num_iteration=best),
-            batch_rows=batch_rows, purpose=f"fold {fold + 1} out-of-fold prediction",
-        )  # fmt: skip
-        phase.record(
-            fold, train_genes, valid_genes, train_rows=train_rows, valid_rows=valid_rows, best_iteration=best,
-            labels=labels, proba=proba, started=started,
-        )  # fmt: skip
-        del booster
-        release()
-
-    num_rounds = phase.refit_rounds()
-    log(f"phase 2: refit on all {len(phase.all_genes)} genes for {num_rounds} rounds")
-    if full_set is None:
-        full_set, _ = build_dataset(
-            reader, phase.all_genes, batch_rows=batch_rows, lgb_params=lgb_params, reference=reference, purpose="refit binning"
-        )
-    booster = lgb.train(
-        lgb_params,
-        full_set,
-        num_boost_round=num_rounds,
-        callbacks=[lightgbm_progress_callback(log, "refit", num_rounds), *(callbacks or [])],
-    )
-    train_rows = full_set.num_data()
-    booster.free_dataset()
-    del full_set, reference
-    release()
-    return phase.training(booster, num_rounds=num_rounds, train_rows=train_rows)
+    backend = LightGBMBackend(
+        reader, fold_of_gene, params=params, lgb_params=lgb_params, batch_rows=batch_rows,
+        bin_sample_rows=bin_sample_rows, callbacks=list(callbacks or []), log=log, cut_folds=cut_folds,
+    )  # fmt: skip
+    classes = reader.metadata.classes
+    return train_two_phases(backend, fold_of_gene, validation_folds=validation_folds, classes=classes, log=log, release=release)

@@ -9,10 +9,12 @@ the instance's genes. Each partition is read *on a worker* by the project's one 
 schema-drift and label handling as everywhere else), so the step process never holds rows
 and the workers together hold the instance. XGBoost's ``DaskQuantileDMatrix`` bins each
 worker's partitions where they are; validation matrices use ``ref=<training matrix>`` to share
-its bin edges. Workers must see the shard paths (shared storage) and have memopt_pipeline
+its bin edges (there is no per-instance reference matrix as in the local backend: see
+:class:`XGBoostDaskBackend`). Workers must see the shard paths (shared storage) and have memopt_pipeline
 installed.
 
-Two phases, as in the local backend:
+Two phases, as in the local backend (:func:`memopt_pipeline.core.train.loop.train_two_phases`,
+driving :class:`XGBoostDaskBackend`):
 1. per validation fold, ``xgboost.dask.train`` on the other folds' genes with early stopping
    on this fold's genes; the best iteration is kept as a number of trees (XGBoost's
    ``best_iteration`` is a 0-based index, so the count is ``best_iteration + 1``), and the
@@ -30,9 +32,8 @@ its memory.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,8 @@ import pandas as pd
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.train.calibration import normalise_rows
-from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, PhaseOne
+from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining
+from memopt_pipeline.core.train.loop import FoldSplit, train_two_phases
 from memopt_pipeline.core.train.threads import resolve_threads
 from memopt_pipeline.core.train.xgboost_model import best_rounds, device_check, one_hot_classes, xgboost_params
 
@@ -231,47 +233,114 @@ def _matrix(session: DaskSession, frame, features: list[str], *, max_bin: int, o
 # --- training --------------------------------------------------------------------------------
 
 
-def _fit_fold(
-    session: DaskSession,
-    reader: BatchReader,
-    train_genes: list[str],
-    valid_genes: list[str],
-    *,
-    xgb_params: dict,
-    params: BoostingParams,
-    coll_cfg,
-    frame_args: dict,
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """Early-stopped training of one fold: (best rounds, held-out labels, held-out row-normalised
-    probabilities of the best rounds). A function of its own so that the workers' matrices and
-    partitions are released when it returns."""
-    import dask
-    from xgboost import dask as dxgb
+@dataclass
+class _DaskMatrix:
+    """A DaskQuantileDMatrix and its rows (counted from the gene statistics: no local matrix to ask)."""
 
-    features = list(reader.features)
-    one_hot = one_hot_classes(params, reader.metadata.n_classes)
-    train_frame = instance_frame(reader, train_genes, **frame_args)
-    valid_frame = instance_frame(reader, valid_genes, **frame_args)
-    train = _matrix(session, train_frame, features, max_bin=params.max_bin, one_hot_classes=one_hot)
-    valid = _matrix(session, valid_frame, features, max_bin=params.max_bin, one_hot_classes=one_hot, ref=train)
-    output = dxgb.train(
-        session.client,
-        xgb_params,
-        train,
-        num_boost_round=params.max_rounds,
-        evals=[(valid, "valid")],
-        early_stopping_rounds=params.early_stopping_rounds,
-        verbose_eval=False,
-        coll_cfg=coll_cfg,
-    )
-    booster = output["booster"]
-    best = best_rounds(booster)
-    del train, valid
-    # Out-of-fold predictions of the best rounds, computed where the held-out rows are; the
-    # probabilities and labels come from one graph, so each partition is read once.
-    proba = dxgb.inplace_predict(session.client, booster, valid_frame[features], iteration_range=(0, best))
-    proba, labels = dask.compute(proba, valid_frame[LABEL_COLUMN])
-    return best, labels.to_numpy().astype(np.int32), normalise_rows(np.asarray(proba)).astype(np.float32)
+    matrix: Any
+    rows: int
+
+
+class XGBoostDaskBackend:
+    """XGBoost-on-Dask's steps of :func:`loop.train_two_phases`.
+
+    No per-instance reference matrix here (unlike the local backend): ``xgboost.dask`` builds
+    each worker's matrices inside every ``train`` call, the training one sketched across the
+    workers, and accepts as ``ref`` only the training matrix of the same call (for validation
+    sets). The sketching pass it makes is over partitions already in the workers' memory,
+    not over the Parquet reader.
+    """
+
+    def __init__(
+        self,
+        reader: BatchReader,
+        *,
+        session: DaskSession,
+        params: BoostingParams,
+        xgb_params: dict,
+        coll_cfg,
+        partition_rows: int,
+        batch_rows: int,
+        log: Callable[[str], None],
+    ):
+        self.reader, self.session, self.params = reader, session, params
+        self.xgb_params, self.coll_cfg = xgb_params, coll_cfg
+        self.frame_args = {"partition_rows": partition_rows, "batch_rows": batch_rows}
+        self.log = log
+        self.features = list(reader.features)
+        self.one_hot = one_hot_classes(params, reader.metadata.n_classes)
+        self._held_out = None  # the fold's validation frame, predicted out of fold after training
+
+    def _matrix(self, frame, rows: int, ref: _DaskMatrix | None = None) -> _DaskMatrix:
+        matrix = _matrix(
+            self.session, frame, self.features, max_bin=self.params.max_bin, one_hot_classes=self.one_hot,
+            ref=None if ref is None else ref.matrix,
+        )  # fmt: skip
+        return _DaskMatrix(matrix, rows)
+
+    def prepare(self, genes: list[str]) -> None:
+        pass  # bin edges are sketched by each train call on the workers (see the class)
+
+    def fold_matrices(self, split: FoldSplit) -> tuple[_DaskMatrix, _DaskMatrix]:
+        train_rows, valid_rows = self.reader.count_rows(split.train_genes), self.reader.count_rows(split.valid_genes)
+        self.log(
+            f"{split.heading}: {self.session.description} bins {len(split.train_genes)} training genes "
+            f"({train_rows:,} rows); early stopping on {valid_rows:,} rows"
+        )
+        train_frame = instance_frame(self.reader, split.train_genes, **self.frame_args)
+        self._held_out = instance_frame(self.reader, split.valid_genes, **self.frame_args)
+        train = self._matrix(train_frame, train_rows)
+        return train, self._matrix(self._held_out, valid_rows, ref=train)
+
+    def fit(self, train: _DaskMatrix, valid: _DaskMatrix, label: str) -> tuple[Any, int]:
+        from xgboost import dask as dxgb
+
+        output = dxgb.train(
+            self.session.client,
+            self.xgb_params,
+            train.matrix,
+            num_boost_round=self.params.max_rounds,
+            evals=[(valid.matrix, "valid")],
+            early_stopping_rounds=self.params.early_stopping_rounds,
+            verbose_eval=False,
+            coll_cfg=self.coll_cfg,
+        )
+        booster = output["booster"]
+        return booster, best_rounds(booster)
+
+    def rows(self, matrix: _DaskMatrix) -> int:
+        return matrix.rows
+
+    def free(self, model) -> None:
+        pass  # the workers' matrices go with the DaskQuantileDMatrix objects the loop dropped
+
+    def predict(self, model, genes: list[str], best: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """Out-of-fold predictions of the best rounds, computed where the held-out rows are;
+        the probabilities and labels come from one graph, so each partition is read once."""
+        import dask
+        from xgboost import dask as dxgb
+
+        frame, self._held_out = self._held_out, None
+        proba = dxgb.inplace_predict(self.session.client, model, frame[self.features], iteration_range=(0, best))
+        proba, labels = dask.compute(proba, frame[LABEL_COLUMN])
+        return labels.to_numpy().astype(np.int32), normalise_rows(np.asarray(proba)).astype(np.float32)
+
+    def refit_matrix(self, genes: list[str]) -> _DaskMatrix:
+        rows = self.reader.count_rows(genes)
+        self.log(f"phase 2: {self.session.description} bins {len(genes)} genes ({rows:,} rows)")
+        return self._matrix(instance_frame(self.reader, genes, **self.frame_args), rows)
+
+    def refit(self, matrix: _DaskMatrix, num_rounds: int):
+        from xgboost import dask as dxgb
+
+        output = dxgb.train(
+            self.session.client, self.xgb_params, matrix.matrix, num_boost_round=num_rounds, verbose_eval=False,
+            coll_cfg=self.coll_cfg,
+        )  # fmt: skip
+        return output["booster"]
+
+    def close(self) -> None:
+        self._held_out = None
 
 
 def train_instance_xgboost_dask(
@@ -294,39 +363,16 @@ def train_instance_xgboost_dask(
     one batch inside it. ``validation_folds``: as in :func:`lightgbm_backend.train_instance` (None =
     k-fold). The out-of-fold probabilities (rows x classes) are gathered in this process for
     calibration, like the other backends'. The returned booster is an ``xgboost.Booster``.
-    ``device`` None: chosen by :func:`workers_device`, on the workers that train.
+    ``device`` None: chosen by :func:`workers_device`, on the workers that train. The loop
+    itself is :func:`loop.train_two_phases`.
     """
-    from xgboost import dask as dxgb
     from xgboost.collective import Config as CollConfig
 
     xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device or workers_device(session, log))
-    coll_cfg = CollConfig(tracker_host_ip=session.tracker_host) if session.tracker_host else None
-    frame_args = {"partition_rows": partition_rows, "batch_rows": batch_rows}
-    phase = PhaseOne(fold_of_gene, validation_folds, reader.metadata.classes, log)
-    for fold in phase.folds:
-        started = time.monotonic()
-        train_genes, valid_genes = phase.split(fold)
-        train_rows, valid_rows = reader.count_rows(train_genes), reader.count_rows(valid_genes)
-        log(
-            f"phase 1, fold {fold + 1}/{len(phase.folds)}: {session.description} bins {len(train_genes)} training genes "
-            f"({train_rows:,} rows); early stopping on {valid_rows:,} rows"
-        )
-        best, labels, proba = _fit_fold(
-            session, reader, train_genes, valid_genes, xgb_params=xgb_params, params=params, coll_cfg=coll_cfg,
-            frame_args=frame_args,
-        )  # fmt: skip
-        phase.record(
-            fold, train_genes, valid_genes, train_rows=train_rows, valid_rows=valid_rows, best_iteration=best,
-            labels=labels, proba=proba, started=started,
-        )  # fmt: skip
-
-    num_rounds = phase.refit_rounds()
-    train_rows = reader.count_rows(phase.all_genes)
-    log(f"phase 2: refit on all {len(phase.all_genes)} genes ({train_rows:,} rows) for {num_rounds} rounds")
-    one_hot = one_hot_classes(params, reader.metadata.n_classes)
-    full = _matrix(
-        session, instance_frame(reader, phase.all_genes, **frame_args), list(reader.features), max_bin=params.max_bin,
-        one_hot_classes=one_hot,
+    backend = XGBoostDaskBackend(
+        reader, session=session, params=params, xgb_params=xgb_params,
+        coll_cfg=CollConfig(tracker_host_ip=session.tracker_host) if session.tracker_host else None,
+        partition_rows=partition_rows, batch_rows=batch_rows, log=log,
     )  # fmt: skip
-    output = dxgb.train(session.client, xgb_params, full, num_boost_round=num_rounds, verbose_eval=False, coll_cfg=coll_cfg)
-    return phase.training(output["booster"], num_rounds=num_rounds, train_rows=train_rows)
+    classes = reader.metadata.classes
+    return train_two_phases(backend, fold_of_gene, validation_folds=validation_folds, classes=classes, log=log)
