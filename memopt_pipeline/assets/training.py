@@ -13,7 +13,7 @@ from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.evaluate.ensemble import validation_weights
 from memopt_pipeline.core.memory.ladder import settings_for
-from memopt_pipeline.core.memory.planner import LightGBMLayout, MemoryPlan
+from memopt_pipeline.core.memory.planner import LightGBMLayout, MemoryPlan, external_memory_bin_sample_rows
 from memopt_pipeline.core.memory.release import release_memory
 from memopt_pipeline.core.report.run_report import markdown_table
 from memopt_pipeline.core.storage import atomic_path, file_sha256, write_json
@@ -148,6 +148,13 @@ def instance_model(
                 fold_of_gene,
                 params=params,
                 batch_rows=settings.batch_rows,
+                bin_sample_rows=(
+                    external_memory_bin_sample_rows(
+                        batch_rows=settings.batch_rows, bin_sample_rows=settings.bin_sample_rows, max_bin=params.max_bin
+                    )
+                    if external_memory
+                    else settings.bin_sample_rows
+                ),
                 external_memory_dir=partition_dir / "extmem_cache" if external_memory else None,
                 callbacks=[xgboost_callback(monitor)],
                 log=context.log.info,

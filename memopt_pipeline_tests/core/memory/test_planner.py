@@ -91,3 +91,20 @@ def test_lightgbm_layout_spends_headroom_on_cut_folds_then_row_wise_and_stays_un
     )
     one = plan.lightgbm_layout(rows)
     assert one.cut_folds and not one.row_wise and one.predicted_peak <= usable
+
+
+def test_external_memory_bin_sample_fits_in_the_raw_batch_the_peak_counts():
+    from memopt_pipeline.core.memory.planner import (
+        RAW_BATCH_COPIES,
+        XGBOOST_SAMPLE_BYTES_PER_CELL,
+        external_memory_bin_sample_rows,
+    )
+
+    for batch_rows in (17_000, 65_536):
+        rows = external_memory_bin_sample_rows(batch_rows=batch_rows, bin_sample_rows=50_000, max_bin=255)
+        assert 5_000 < rows <= 50_000
+        assert rows * XGBOOST_SAMPLE_BYTES_PER_CELL <= batch_rows * 4 * RAW_BATCH_COPIES
+    # Too small a batch for a sample worth its bins: none, XGBoost sketches each matrix.
+    assert external_memory_bin_sample_rows(batch_rows=1_024, bin_sample_rows=50_000, max_bin=255) == 0
+    # A smaller max_bin needs fewer rows per edge set.
+    assert external_memory_bin_sample_rows(batch_rows=8_192, bin_sample_rows=50_000, max_bin=63) > 0
