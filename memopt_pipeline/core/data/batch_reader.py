@@ -11,7 +11,10 @@ stage reads can be counted. Reading is shard by shard, row group by row group:
   matrix of at most ``batch_rows`` rows, a block of columns at a time, so no float64 copy of
   the batch ever exists;
 - each shard's column names, row-group sizes and gene ranges are summarised once per reader
-  (each pass still opens the shard, which parses its footer, to read it).
+  (each pass still opens the shards it reads, which parses their footers);
+- read-ahead: the next row group is decoded on a worker thread while this one is selected and
+  converted (Parquet decoding releases the GIL): one more decoded row group in memory, which
+  the planner counts (``RAW_BATCH_COPIES``), for 1.2-1.4x the rows/s on 2 cores.
 
 Order is deterministic (shard order, then row order), so two passes over the same genes
 (labels first, features next) line up row for row.
@@ -20,6 +23,7 @@ Order is deterministic (shard order, then row order), so two passes over the sam
 from __future__ import annotations
 
 import bisect
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Iterator
@@ -63,10 +67,12 @@ class BatchReader:
         log: Callable[[str], None] | None = None,
         budget_bytes: int | None = None,
         features: list[str] | None = None,
+        read_ahead: bool = True,
     ):
         """``checkpoint`` runs after every batch (the memory guard's check); with ``log``, long
         passes report progress (rows of total, rows/s, time left, RSS against ``budget_bytes``).
-        ``features`` (default: all of the metadata's) are the columns batches hold, in order."""
+        ``features`` (default: all of the metadata's) are the columns batches hold, in order.
+        ``read_ahead``: decode the next row group on a thread while this one is converted."""
         self.metadata = metadata
         self.features = list(metadata.features if features is None else features)
         unknown = sorted(set(self.features) - set(metadata.features))
@@ -78,6 +84,7 @@ class BatchReader:
         self.budget_bytes = budget_bytes
         self.stats = ReadStats()
         self._class_values = pa.array(metadata.classes)
+        self.read_ahead = read_ahead
         self._gene_rows: dict[str, int] | None = None
         self._shard_footers: list[_ShardFooter] | None = None
 
@@ -144,7 +151,9 @@ class BatchReader:
                 if selected.num_rows and keep_share < 1.0:
                     selected = selected.filter(pa.array(rng.random(selected.num_rows) < keep_share))
                 if selected.num_rows:
-                    parts.append(self._to_batch(selected, footer.path, self.features, footer.present(self.features), [], False).features)
+                    batch = self._to_batch(selected, footer.path, self.features, footer.present(self.features), [], False)
+                    self._account(batch)
+                    parts.append(batch.features)
                 if decoded >= to_decode:
                     break
             if decoded >= to_decode:
@@ -179,6 +188,21 @@ class BatchReader:
         # A row group bigger than a batch (e.g. one written by pandas) streams batch by batch.
         yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=columns)
 
+    def _gene_runs(self, record_batch: pa.RecordBatch, wanted: pa.Array) -> list[tuple[int, int]] | None:
+        """The (start, stop) row ranges of ``record_batch`` whose gene is wanted; None: every row.
+
+        Ranges, not a filtered copy: in gene-sorted shards the wanted rows come in a few long
+        runs, which are converted straight from the decoded columns (a filter would copy every
+        column of the batch once more first)."""
+        self.stats.rows_scanned += record_batch.num_rows
+        gene_values = pc.cast(record_batch.column(self.metadata.gene_column), pa.string())
+        mask = pc.is_in(gene_values, value_set=wanted)
+        if mask.true_count == record_batch.num_rows:
+            return None
+        keep = np.asarray(mask.to_numpy(zero_copy_only=False), dtype=np.int8)
+        edges = np.flatnonzero(np.diff(keep, prepend=0, append=0))
+        return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
     def _select_genes(self, record_batch: pa.RecordBatch, wanted: pa.Array) -> pa.RecordBatch:
         self.stats.rows_scanned += record_batch.num_rows
         gene_values = pc.cast(record_batch.column(self.metadata.gene_column), pa.string())
@@ -200,22 +224,39 @@ class BatchReader:
         if self.log is not None:
             progress = RowProgress(purpose, self.count_rows(wanted_sorted), self.log, budget_bytes=self.budget_bytes)
 
+        decoded = self._decoded(wanted_sorted, batch_rows, features, with_ids)
+        for footer, ids, record_batch in _read_ahead(decoded) if self.read_ahead else decoded:
+            runs = self._gene_runs(record_batch, wanted)
+            if runs is not None and not runs:
+                continue
+            batch = self._to_batch(record_batch, footer.path, features, footer.present(features), ids, with_ids, runs)
+            self._account(batch)
+            if progress is not None:
+                progress.advance(len(batch.labels))
+            yield batch
+
+    def _account(self, batch: Batch) -> None:
+        """Count a delivered batch and run the memory check."""
+        self.stats.rows_read += len(batch.labels)
+        self.stats.bytes_read += batch.features.nbytes
+        self.stats.batches += 1
+        if self.checkpoint is not None:
+            self.checkpoint()
+
+    def _decoded(
+        self, wanted_sorted: list[str], batch_rows: int, features: list[str], with_ids: bool
+    ) -> Iterator[tuple[_ShardFooter, list[str], pa.RecordBatch]]:
+        """The decoded record batches of every row group that may hold a wanted gene."""
         for footer in self._footers():
-            present = footer.present(features)
+            row_groups = [rg for rg in range(len(footer.row_group_rows)) if footer.may_hold(rg, wanted_sorted)]
+            self.stats.row_groups_skipped += len(footer.row_group_rows) - len(row_groups)
+            if not row_groups:
+                continue  # not even opened: parsing a wide footer costs ~1.5 ms
             ids = [c for c in self.id_columns if with_ids and c in footer.names]
             parquet = pq.ParquetFile(footer.path)
-            for row_group in range(len(footer.row_group_rows)):
-                if not footer.may_hold(row_group, wanted_sorted):
-                    self.stats.row_groups_skipped += 1
-                    continue
+            for row_group in row_groups:
                 for record_batch in self._row_group_batches(parquet, footer, row_group, features, ids, batch_rows):
-                    selected = self._select_genes(record_batch, wanted)
-                    if selected.num_rows == 0:
-                        continue
-                    batch = self._to_batch(selected, footer.path, features, present, ids, with_ids)
-                    if progress is not None:
-                        progress.advance(selected.num_rows)
-                    yield batch
+                    yield footer, ids, record_batch
 
     def _to_batch(
         self,
@@ -225,8 +266,11 @@ class BatchReader:
         present: list[str],
         ids: list[str],
         with_ids: bool,
+        runs: list[tuple[int, int]] | None = None,
     ) -> Batch:
-        rows = record_batch.num_rows
+        """The batch of ``record_batch``'s rows in ``runs`` ((start, stop) ranges; None: all)."""
+        if runs is not None and len(runs) == 1:
+            record_batch, runs = record_batch.slice(runs[0][0], runs[0][1] - runs[0][0]), None  # zero-copy
         labels = pc.index_in(record_batch.column(self.metadata.label_column), value_set=self._class_values)
         if labels.null_count:
             unknown = pc.filter(record_batch.column(self.metadata.label_column), pc.is_null(labels))[0]
@@ -234,7 +278,10 @@ class BatchReader:
                 f"{path}: label {unknown} is not one of the classes {self.metadata.classes} seen by "
                 "dataset_metadata; re-materialize dataset_metadata after changing the data"
             )
-        matrix = _float32_rows(record_batch, features, set(present))
+        labels = labels.to_numpy(zero_copy_only=False).astype(np.int32)
+        if runs is not None:
+            labels = np.concatenate([labels[start:stop] for start, stop in runs])
+        matrix = _float32_rows(record_batch, features, set(present), runs)
         if features and not np.isfinite(matrix).all():
             infinite = np.isinf(matrix)
             if infinite.any():
@@ -243,16 +290,32 @@ class BatchReader:
                     f"{path}: column {column!r} holds infinite values; replace them (e.g. with null, "
                     "which is treated as missing) or exclude the column"
                 )
-        self.stats.rows_read += rows
-        self.stats.bytes_read += matrix.nbytes
-        self.stats.batches += 1
-        if self.checkpoint is not None:
-            self.checkpoint()
         id_table = None
         if with_ids:
             id_names = [self.metadata.gene_column, *ids]
-            id_table = pa.Table.from_batches([record_batch.select(id_names)])
-        return Batch(features=matrix, labels=labels.to_numpy(zero_copy_only=False).astype(np.int32), ids=id_table)
+            id_batch = record_batch.select(id_names)
+            pieces = [id_batch] if runs is None else [id_batch.slice(start, stop - start) for start, stop in runs]
+            id_table = pa.Table.from_batches(pieces)
+        return Batch(features=matrix, labels=labels, ids=id_table)
+
+
+def _read_ahead(items: Iterator):
+    """``items``, each one produced on a worker thread while the caller works on the one
+    before: Parquet decoding releases the GIL, so decoding the next row group overlaps
+    converting this one (one more decoded row group in memory)."""
+    done = object()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-read-ahead")
+    try:
+        pending = pool.submit(next, items, done)
+        while True:
+            item = pending.result()
+            if item is done:
+                return
+            pending = pool.submit(next, items, done)
+            yield item
+    finally:
+        pool.shutdown(wait=True)  # the item in flight finishes before the generator is closed
+        items.close()
 
 
 # Columns are copied into the row-major matrix this many at a time, through a small
@@ -262,11 +325,14 @@ class BatchReader:
 _COLUMN_BLOCK = 16
 
 
-def _float32_rows(record_batch: pa.RecordBatch, features: list[str], present: set[str]) -> np.ndarray:
-    """The batch's ``features`` as a C-contiguous float32 matrix; nulls and absent columns are NaN."""
-    rows = record_batch.num_rows
+def _float32_rows(
+    record_batch: pa.RecordBatch, features: list[str], present: set[str], runs: list[tuple[int, int]] | None = None
+) -> np.ndarray:
+    """The batch's ``features`` (of the rows in ``runs``, (start, stop) ranges; None: all) as a
+    C-contiguous float32 matrix; nulls and absent columns are NaN."""
+    rows = record_batch.num_rows if runs is None else sum(stop - start for start, stop in runs)
     matrix = np.empty((rows, len(features)), dtype=np.float32)
-    block = np.empty((_COLUMN_BLOCK, rows), dtype=np.float32)
+    block = np.empty((_COLUMN_BLOCK, record_batch.num_rows), dtype=np.float32)
     for start in range(0, len(features), _COLUMN_BLOCK):
         names = features[start : start + _COLUMN_BLOCK]
         for offset, name in enumerate(names):
@@ -277,7 +343,13 @@ def _float32_rows(record_batch: pa.RecordBatch, features: list[str], present: se
             if column.type != pa.float32():
                 column = pc.cast(column, pa.float32(), safe=False)
             block[offset] = column.to_numpy(zero_copy_only=False)
-        matrix[:, start : start + len(names)] = block[: len(names)].T
+        if runs is None:
+            matrix[:, start : start + len(names)] = block[: len(names)].T
+            continue
+        position = 0
+        for low, high in runs:
+            matrix[position : position + high - low, start : start + len(names)] = block[: len(names), low:high].T
+            position += high - low
     return matrix
 
 

@@ -8,7 +8,8 @@ The estimate follows LightGBM's real memory layout (see DESIGN.md, "The memory m
          + histogram pool            num_leaves * features * max_bin * 16
          + max(bin-finding sample, one raw batch)
            bin sample: sample_rows * features * 16   (float32 rows, their float64 transpose)
-           raw batch:  batch_rows * features * 4 * 2  (Arrow -> numpy conversion overlap)
+           raw batch:  batch_rows * features * 4 * 3  (Arrow -> numpy conversion overlap, and the
+                                                     next row group the reader decodes ahead)
 
 Training holds the training and validation folds of one instance at once, i.e. all the
 instance's rows. The planner solves the inequality ``peak <= budget * safety`` for the
@@ -28,7 +29,9 @@ from memopt_pipeline.core.units import GiB, MiB
 PER_ROW_STATE_BYTES_PER_CLASS = 24
 HISTOGRAM_BYTES_PER_BIN = 16
 BIN_SAMPLE_BYTES_PER_CELL = 16
-RAW_BATCH_COPIES = 2
+# A batch in flight: its decoded Arrow record batch and its float32 matrix, plus the next row
+# group the batch reader decodes ahead on its read-ahead thread.
+RAW_BATCH_COPIES = 3
 MIN_BATCH_ROWS = 1_024
 MAX_BATCH_ROWS = 65_536
 MIN_INSTANCE_ROWS = 1_000  # below this a model is not worth training: the plan fails instead

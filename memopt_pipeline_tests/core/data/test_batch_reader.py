@@ -143,3 +143,46 @@ def test_bin_sample_of_one_huge_row_group_stops_early(tmp_path):
     sample = reader.sample_rows([f"g{i:03d}" for i in range(200)], 500, seed=0, batch_rows=1_000)
     assert len(sample) == 500
     assert reader.stats.rows_scanned <= 4 * 500 + 1_000  # spread 4: 2,000 rows and one batch, not 10,000
+
+
+def test_scattered_genes_with_ids_equal_a_polars_filter_with_and_without_read_ahead(tmp_path):
+    """Non-contiguous wanted genes inside one row group (several runs per batch) deliver exactly
+    a direct filter's rows, features, labels and ids, in file order; read-ahead changes nothing."""
+    import polars as pl
+
+    meta = _many_row_groups(tmp_path, row_group_size=1_000)  # 20 genes per row group
+    wanted = [f"g{i:03d}" for i in (1, 2, 5, 9, 10, 11, 57, 120, 121, 199)]
+    frame = pl.read_parquet(list_shards(tmp_path / "d")).with_row_index("row").filter(pl.col("gene").is_in(wanted))
+    for read_ahead in (False, True):
+        reader = BatchReader(meta, id_columns=(), read_ahead=read_ahead)
+        batches = list(reader.iter_batches(wanted, batch_rows=512, with_ids=True))
+        np.testing.assert_array_equal(
+            np.concatenate([b.features for b in batches]), frame.select([f"f{j}" for j in range(5)]).to_numpy().astype(np.float32)
+        )
+        classes = {value: index for index, value in enumerate(meta.classes)}
+        np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), [classes[v] for v in frame["label"]])
+        assert [g for b in batches for g in b.ids.column("gene").to_pylist()] == frame["gene"].to_list()
+        assert reader.stats.rows_read == frame.height
+
+
+def test_read_ahead_stops_cleanly_when_the_consumer_stops_early(tiny_metadata):
+    import threading
+
+    genes = tiny_metadata.read_gene_stats()["gene"].to_list()
+    batches = BatchReader(tiny_metadata).iter_batches(genes, batch_rows=16)
+    next(batches)
+    batches.close()  # e.g. a training step that failed after its first batch
+    assert not [t for t in threading.enumerate() if t.name.startswith("parquet-read-ahead")]
+
+
+def test_a_decoding_error_on_the_read_ahead_thread_reaches_the_caller(tmp_path):
+    meta = _many_row_groups(tmp_path, row_group_size=1_000)
+    shard = list_shards(tmp_path / "d")[0]
+    data = bytearray(shard.read_bytes())
+    data[200:4_000] = b"\x00" * 3_800  # the first row groups' pages, footer intact
+    shard.write_bytes(bytes(data))
+    rows = 0
+    with pytest.raises((OSError, pa.ArrowException)):
+        for batch in BatchReader(meta, read_ahead=True).iter_batches([f"g{i:03d}" for i in range(200)], batch_rows=512):
+            rows += len(batch.labels)
+    assert rows < 10_000  # the pass did not end as if the data were complete
