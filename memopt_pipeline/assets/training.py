@@ -142,6 +142,7 @@ def instance_model(
     layout: LightGBMLayout | None = None
     with memory_guard.stage(context, "instance_model", advice="use more instances or a smaller max_bin") as monitor:
         reader = guarded_reader(context, metadata, monitor, features=feature_screening["kept"])
+        instance_rows = reader.count_rows(fold_of_gene)
         if backend == "xgboost":
             training = train_instance_xgboost(
                 reader,
@@ -156,6 +157,8 @@ def instance_model(
                     else settings.bin_sample_rows
                 ),
                 external_memory_dir=partition_dir / "extmem_cache" if external_memory else None,
+                # Pages sized by the plan at level 0; after running out of memory, one batch each.
+                page_rows=plan.external_memory_page_rows(instance_rows) if external_memory and settings.level == 0 else None,
                 callbacks=[xgboost_callback(monitor)],
                 log=context.log.info,
                 release=release_memory,
@@ -179,7 +182,7 @@ def instance_model(
             model_path = partition_dir / "model.ubj"
             save_xgboost_model(training.booster, model_path)
         else:
-            layout = _lightgbm_layout(plan, reader.count_rows(fold_of_gene), settings.level)
+            layout = _lightgbm_layout(plan, instance_rows, settings.level)
             context.log.info(f"instance_model: {layout.describe()} (predicted peak {layout.predicted_peak / GiB:.2f} GiB)")
             training = train_instance(
                 reader,
@@ -259,10 +262,20 @@ def instance_model(
             "model_path": dg.MetadataValue.path(str(model_path)),
             **MemoryGuard.metadata(
                 monitor,
-                predicted_peak_bytes=layout.predicted_peak if layout else plan.training_peak(training.train_rows),
+                predicted_peak_bytes=_predicted_peak(plan, training.train_rows, layout, external_memory, settings.level),
             ),
         },
     )
+
+
+def _predicted_peak(plan: MemoryPlan, rows: int, layout: LightGBMLayout | None, external_memory: bool, level: int) -> int:
+    """The plan's prediction for what actually ran: LightGBM's layout, external memory with the
+    pages it used, or in-memory XGBoost."""
+    if layout is not None:
+        return layout.predicted_peak
+    if external_memory:
+        return plan.external_memory_training_peak(rows, page_rows=None if level == 0 else plan.batch_rows)
+    return plan.training_peak(rows)
 
 
 def _lightgbm_layout(plan: MemoryPlan, rows: int, ladder_level: int) -> LightGBMLayout:

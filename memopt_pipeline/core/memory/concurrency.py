@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from memopt_pipeline.core.memory.planner import MemoryPlan, external_memory_peak
+from memopt_pipeline.core.memory.planner import MemoryPlan
 from memopt_pipeline.core.units import MiB
 
 # The MemoryGuard's hard cap (RLIMIT_DATA) sits at its budget plus max(10%, 256 MiB); a
@@ -32,11 +32,8 @@ def predicted_instance_peak(plan: MemoryPlan, rows: int) -> int:
     if rows < 0:
         raise ValueError(f"an instance cannot have {rows} rows")
     if plan.strategy == "external_memory":
-        # The binned rows live on disk: RAM holds per-row state, histograms and one batch.
-        return external_memory_peak(
-            rows=rows, n_features=plan.n_features, n_classes=plan.n_classes, max_bin=plan.max_bin,
-            num_leaves=plan.num_leaves, batch_rows=plan.batch_rows, baseline_bytes=plan.baseline_bytes,
-        )  # fmt: skip
+        # The binned rows live on disk: RAM holds per-row state, histograms, one batch and one page.
+        return plan.external_memory_training_peak(rows)
     return plan.training_peak(rows)
 
 

@@ -34,6 +34,10 @@ BIN_SAMPLE_BYTES_PER_CELL = 16
 RAW_BATCH_COPIES = 3
 MIN_BATCH_ROWS = 1_024
 MAX_BATCH_ROWS = 65_536
+# An XGBoost external-memory page in flight: the reader's batches gathered (float32), their
+# concatenation (float32) and XGBoost's binned page (1 byte per cell up to 256 bins).
+PAGE_BYTES_PER_CELL = 9
+MAX_PAGE_ROWS = 1_048_576
 MIN_INSTANCE_ROWS = 1_000  # below this a model is not worth training: the plan fails instead
 
 
@@ -149,6 +153,29 @@ class MemoryPlan:
         peak += binned if row_wise else 0
         return LightGBMLayout(cut_folds=cut_folds, row_wise=row_wise, predicted_peak=peak)
 
+    def external_memory_page_rows(self, rows: int) -> int:
+        """Rows per XGBoost external-memory page for an instance of ``rows`` rows: as large as the
+        budget allows (XGBoost's external-memory guide: every tree level reads every page, and
+        small pages make that slow), i.e. half of what ``budget * safety`` leaves beside
+        :func:`external_memory_peak`'s other terms; at least one reader batch, at most
+        ``MAX_PAGE_ROWS``."""
+        fixed = external_memory_peak(
+            rows=rows, n_features=self.n_features, n_classes=self.n_classes, max_bin=self.max_bin,
+            num_leaves=self.num_leaves, batch_rows=self.batch_rows, baseline_bytes=self.baseline_bytes,
+        )  # fmt: skip
+        room = self.budget_bytes * self.safety - fixed
+        page_rows = int(room / 2 // (self.n_features * PAGE_BYTES_PER_CELL)) if room > 0 else 0
+        return max(self.batch_rows, min(page_rows, MAX_PAGE_ROWS))
+
+    def external_memory_training_peak(self, rows: int, page_rows: int | None = None) -> int:
+        """Predicted peak of external-memory training of ``rows`` rows, with pages of
+        ``page_rows`` (default: :meth:`external_memory_page_rows`)."""
+        return external_memory_peak(
+            rows=rows, n_features=self.n_features, n_classes=self.n_classes, max_bin=self.max_bin,
+            num_leaves=self.num_leaves, batch_rows=self.batch_rows, baseline_bytes=self.baseline_bytes,
+            page_rows=self.external_memory_page_rows(rows) if page_rows is None else page_rows,
+        )  # fmt: skip
+
     def shap_peak(self, chunk_rows: int) -> int:
         """Baseline + one raw chunk + its contributions (rows x classes x (features+1) doubles, and
         the per-model copy being averaged in)."""
@@ -170,15 +197,25 @@ class MemoryPlan:
 
 
 def external_memory_peak(
-    *, rows: int, n_features: int, n_classes: int, max_bin: int, num_leaves: int, batch_rows: int, baseline_bytes: int
+    *,
+    rows: int,
+    n_features: int,
+    n_classes: int,
+    max_bin: int,
+    num_leaves: int,
+    batch_rows: int,
+    baseline_bytes: int,
+    page_rows: int = 0,
 ) -> int:
     """Predicted peak of XGBoost external-memory training: baseline, per-row state, histograms,
-    one raw batch in conversion. The binned pages live on disk."""
+    one raw batch in conversion and, with ``page_rows``, the page being gathered from batches
+    (``PAGE_BYTES_PER_CELL``). The binned pages live on disk."""
     return (
         baseline_bytes
         + rows * n_classes * PER_ROW_STATE_BYTES_PER_CLASS
         + num_leaves * n_features * max_bin * HISTOGRAM_BYTES_PER_BIN
         + batch_rows * n_features * 4 * RAW_BATCH_COPIES
+        + page_rows * n_features * PAGE_BYTES_PER_CELL
     )
 
 

@@ -108,3 +108,19 @@ def test_external_memory_bin_sample_fits_in_the_raw_batch_the_peak_counts():
     assert external_memory_bin_sample_rows(batch_rows=1_024, bin_sample_rows=50_000, max_bin=255) == 0
     # A smaller max_bin needs fewer rows per edge set.
     assert external_memory_bin_sample_rows(batch_rows=8_192, bin_sample_rows=50_000, max_bin=63) > 0
+
+
+def test_external_memory_pages_use_half_the_room_left_and_the_peak_counts_them():
+    from memopt_pipeline.core.memory.planner import MAX_PAGE_ROWS, PAGE_BYTES_PER_CELL
+
+    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int(0.62 * GiB), **SHAPE)
+    assert plan.strategy == "external_memory"
+    usable = plan.budget_bytes * plan.safety
+    page_rows = plan.external_memory_page_rows(1_000_000)
+    assert plan.batch_rows < page_rows <= MAX_PAGE_ROWS
+    without_page = plan.external_memory_training_peak(1_000_000, page_rows=0)
+    with_page = plan.external_memory_training_peak(1_000_000)
+    assert with_page - without_page == page_rows * SHAPE["n_features"] * PAGE_BYTES_PER_CELL
+    assert with_page <= usable and with_page - without_page == pytest.approx((usable - without_page) / 2, rel=0.01)
+    # No room at all: one reader batch per page.
+    assert plan.external_memory_page_rows(50_000_000) == plan.batch_rows
