@@ -389,13 +389,10 @@ def train_instance_xgboost(
     ``validation_folds``: as in :func:`lightgbm_backend.train_instance` (None = k-fold).
     ``bin_sample_rows``: rows sampled once per instance for the bin edges every matrix
     shares, as LightGBM's ``bin_sample_rows``. ``page_rows``: external memory's page size
-    (:class:`ReaderIter`; None: one reader batch per page). External memory also grows trees
-    depth-wise (:func:`xgboost_model.xgboost_params`). The loop itself is :func:`loop.train_two_phases`.
+    (:class:`ReaderIter`; None: one reader batch per page). The loop itself is
+    :func:`loop.train_two_phases`.
     """
-    xgb_params = xgboost_params(
-        params, n_classes=reader.metadata.n_classes, device=device or choose_device(log),
-        external_memory=external_memory_dir is not None,
-    )  # fmt: skip
+    xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device or choose_device(log))
     backend = XGBoostBackend(
         reader, params=params, xgb_params=xgb_params, batch_rows=batch_rows, bin_sample_rows=bin_sample_rows,
         external_memory_dir=external_memory_dir, callbacks=list(callbacks or []), log=log, page_rows=page_rows,
