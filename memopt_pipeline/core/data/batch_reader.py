@@ -188,15 +188,19 @@ class BatchReader:
         # A row group bigger than a batch (e.g. one written by pandas) streams batch by batch.
         yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=columns)
 
+    def _wanted_mask(self, record_batch: pa.RecordBatch, wanted: pa.Array) -> pa.BooleanArray:
+        """Which rows of ``record_batch`` belong to a wanted gene (and count them as scanned)."""
+        self.stats.rows_scanned += record_batch.num_rows
+        gene_values = pc.cast(record_batch.column(self.metadata.gene_column), pa.string())
+        return pc.is_in(gene_values, value_set=wanted)
+
     def _gene_runs(self, record_batch: pa.RecordBatch, wanted: pa.Array) -> list[tuple[int, int]] | None:
         """The (start, stop) row ranges of ``record_batch`` whose gene is wanted; None: every row.
 
         Ranges, not a filtered copy: in gene-sorted shards the wanted rows come in a few long
         runs, which are converted straight from the decoded columns (a filter would copy every
         column of the batch once more first)."""
-        self.stats.rows_scanned += record_batch.num_rows
-        gene_values = pc.cast(record_batch.column(self.metadata.gene_column), pa.string())
-        mask = pc.is_in(gene_values, value_set=wanted)
+        mask = self._wanted_mask(record_batch, wanted)
         if mask.true_count == record_batch.num_rows:
             return None
         keep = np.asarray(mask.to_numpy(zero_copy_only=False), dtype=np.int8)
@@ -204,12 +208,8 @@ class BatchReader:
         return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
     def _select_genes(self, record_batch: pa.RecordBatch, wanted: pa.Array) -> pa.RecordBatch:
-        self.stats.rows_scanned += record_batch.num_rows
-        gene_values = pc.cast(record_batch.column(self.metadata.gene_column), pa.string())
-        mask = pc.is_in(gene_values, value_set=wanted)
-        if mask.true_count == record_batch.num_rows:
-            return record_batch
-        return record_batch.filter(mask)
+        mask = self._wanted_mask(record_batch, wanted)
+        return record_batch if mask.true_count == record_batch.num_rows else record_batch.filter(mask)
 
     def _scan(
         self, genes: Collection[str], batch_rows: int, features: list[str], *, with_ids: bool, purpose: str
