@@ -16,6 +16,16 @@ of its resources, execution and loggers as they are (automation/run_config.py). 
 cannot go on (a run config the next job refuses, e.g. after the code changed) is stopped with
 the reason on the sensor's tick, never raised: that would hold up every later chain.
 
+On Kubernetes (deploy/k8s.py) each train_instances run also carries its instance_model pod's
+memory, sized from the plan: Dagster sizes a run from the job's partitioned config only when the
+run brings no run config of its own, and these runs do. chain_train_instances is where the sizing
+is added, for every chain however it started (the Launchpad, the nightly schedule, the dataset
+sensor): it is the first point at which the plan the runs train exists. A full_training run
+(launched by the dataset sensor) makes a new memory_plan and instance_assignment, so its
+launcher cannot know the pods; the nightly schedule's retrain_from_current_plan and the
+full_training run itself have no instance_model step to size. The sensor reads the plan when
+the starting run has succeeded, i.e. the one that run made or checked.
+
 Every run of a chain carries the tags memopt/chain (kind) and memopt/chain_id (the starting
 run; the third sensor, tag_chain_start, puts it on the starting run itself as soon as that run
 is launched), so the UI's run list filtered on memopt/chain_id shows one whole chain. Runs
@@ -37,7 +47,12 @@ from memopt_pipeline.automation.jobs import (
     evaluate_and_explain_job,
     train_instances_job,
 )
-from memopt_pipeline.automation.run_config import ChainConfigError, chained_run_config
+from memopt_pipeline.automation.run_config import (
+    ChainConfigError,
+    InstanceRunConfigFn,
+    chained_run_config,
+    with_instance_run_config,
+)
 from memopt_pipeline.automation.sensors import RETRY_OF_TAG
 
 # Chained runs wait at most this long for the next step; the check itself is one small query.
@@ -86,36 +101,62 @@ def _stopped(context: dg.RunStatusSensorContext, message: str) -> dg.SkipReason:
     return dg.SkipReason(message)
 
 
-@dg.run_status_sensor(
-    name="chain_train_instances",
-    run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=CHAIN_START_JOBS,
+def build_chain_train_instances(
     request_job=train_instances_job,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=CHAIN_SENSOR_INTERVAL_SECONDS,
-    description="When full_training or retrain_from_current_plan succeeds: one train_instances run per instance "
-    "partition, configured by the starting run's chain_settings and the rest of its resources, execution and loggers.",
-)
-def chain_train_instances(context: dg.RunStatusSensorContext):
-    run = context.dagster_run
-    try:
-        origin = chain_origin(context.instance, run)
-        run_config = _checked_run_config(context, train_instances_job.name, chained_run_config(INSTANCE_ASSETS, origin.run_config))
-    except ChainConfigError as error:
-        return _stopped(context, f"chain of run {run.run_id} stopped before training: {error}")
-    partitions = context.instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME)
-    if not partitions:
-        return _stopped(context, f"chain of run {run.run_id} stopped: no instance partitions exist to train")
-    context.log.info(f"chain {run.run_id}: training {len(partitions)} instance partitions")
-    return [
-        dg.RunRequest(
-            run_key=f"{run.run_id}:{partition}",
-            partition_key=partition,
-            run_config=run_config,
-            tags=_chain_tags(origin, run.run_id),
-        )
-        for partition in partitions
-    ]
+    instance_run_config_fn: InstanceRunConfigFn | None = None,
+) -> dg.RunStatusSensorDefinition:
+    """The chain_train_instances sensor, launching ``request_job`` (train_instances, or the Kubernetes
+    code location's version of it); each run's config gets
+    ``instance_run_config_fn``'s sizing of its partition (the Kubernetes code location's
+    plan-sized instance_model pod), or none (the local code location)."""
+
+    @dg.run_status_sensor(
+        name="chain_train_instances",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=CHAIN_START_JOBS,
+        request_job=request_job,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=CHAIN_SENSOR_INTERVAL_SECONDS,
+        description="When full_training or retrain_from_current_plan succeeds: one train_instances run per instance "
+        "partition, configured by the starting run's chain_settings and the rest of its resources, execution and "
+        "loggers" + (", with the instance_model pod sized from the plan." if instance_run_config_fn else "."),
+    )
+    def chain_train_instances(context: dg.RunStatusSensorContext):
+        run = context.dagster_run
+        try:
+            origin = chain_origin(context.instance, run)
+            run_config = _checked_run_config(
+                context, train_instances_job.name, chained_run_config(INSTANCE_ASSETS, origin.run_config)
+            )
+        except ChainConfigError as error:
+            return _stopped(context, f"chain of run {run.run_id} stopped before training: {error}")
+        partitions = context.instance.get_dynamic_partitions(INSTANCE_PARTITIONS_NAME)
+        if not partitions:
+            return _stopped(context, f"chain of run {run.run_id} stopped: no instance partitions exist to train")
+        try:
+            # The starting run has succeeded, so the plan and assignment these partitions were made
+            # from are materialized: each run is sized from them (see the module docstring).
+            run_configs = {
+                partition: with_instance_run_config(run_config, instance_run_config_fn, partition, context.instance)
+                for partition in partitions
+            }
+        except ChainConfigError as error:
+            return _stopped(context, f"chain of run {run.run_id} stopped before training: {error}")
+        context.log.info(f"chain {run.run_id}: training {len(partitions)} instance partitions")
+        return [
+            dg.RunRequest(
+                run_key=f"{run.run_id}:{partition}",
+                partition_key=partition,
+                run_config=run_configs[partition],
+                tags=_chain_tags(origin, run.run_id),
+            )
+            for partition in partitions
+        ]
+
+    return chain_train_instances
+
+
+chain_train_instances = build_chain_train_instances()
 
 
 def untrained_partitions(instance: dg.DagsterInstance, since: float) -> list[str]:

@@ -13,6 +13,8 @@ default: start it in the UI (Automation) once the variable is set.
 - Settings of the runs come from ``$MEMOPT_AUTOMATION_CONFIG`` (automation/run_config.py), with
   the source_dataset path set to the watched folder; the train and evaluate stages' ops become
   the run's chain settings.
+- On Kubernetes the chain's train runs get their instance_model pods sized from the plan this
+  run makes, by chain_train_instances (automation/chaining.py), not here.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def full_training_request(path: str, fingerprint: str, previous: str) -> dg.RunR
             "remove the path from the automation config (the sensor sets it to the watched folder)"
         )
     ops["source_dataset"] = {"config": {**source, "path": path}}
+    # No pod sizing here, on Kubernetes either: this run makes the memory plan and instance
+    # assignment the pods are sized from (the dataset changed, so the current ones are stale),
+    # and it has no instance_model step. chain_train_instances sizes the train runs of its chain
+    # once it has succeeded (automation/chaining.py, deploy/k8s.py).
     return dg.RunRequest(
         # One run per transition: a dataset that changes back to an earlier state trains again.
         run_key=f"dataset:{previous[:16]}->{fingerprint[:16]}",

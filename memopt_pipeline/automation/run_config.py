@@ -10,13 +10,18 @@ Schedules and the dataset sensor have no Launchpad: they read one YAML file for 
 pipeline, named by ``$MEMOPT_AUTOMATION_CONFIG`` (same shape as a run config, every stage's ops
 allowed), and turn it into the starting run's config: the later stages' ops move into
 ``resources.chain_settings``, which the file may also set directly (:func:`chain_start_run_config`).
+
+A code location may size each instance partition's run from the materialized plan (on Kubernetes,
+the ``instance_model`` pod's memory and the matching MemoryGuard budget: deploy/k8s.py). A run
+launched with a run config of its own replaces the job's partitioned config, so every sensor that
+launches ``train_instances`` runs lays that sizing over its own config (:func:`with_instance_run_config`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import dagster as dg
 import yaml
@@ -38,6 +43,13 @@ class ChainConfigError(ValueError):
     """The chain's configuration (a starting run or the automation file) cannot be used; the message says the fix."""
 
 
+InstanceRunConfigFn = Callable[[str, dg.DagsterInstance], Mapping]
+"""The run config one instance partition's ``train_instances`` run needs in this code location, from
+the plan materialized in the given instance: (partition key, instance) -> run config. On Kubernetes it
+is deploy/k8s.py's plan-sized ``instance_model`` pod (the same function as the job's partitioned
+config); the local code location has none. Raises ValueError or RuntimeError saying the fix."""
+
+
 def _names(assets: Sequence[dg.AssetsDefinition]) -> set[str]:
     return {a.key.to_user_string() for a in assets}
 
@@ -50,6 +62,36 @@ def run_config_for(assets: Sequence[dg.AssetsDefinition], ops: Mapping, run_leve
     if selected:
         config["ops"] = selected
     return config
+
+
+def _overlaid(base: Mapping, over: Mapping) -> dict:
+    """``base`` with ``over`` laid on top: nested mappings merged key by key, any other value of ``over`` wins."""
+    merged = dict(base)
+    for key, value in over.items():
+        current = merged.get(key)
+        merged[key] = _overlaid(current, value) if isinstance(value, Mapping) and isinstance(current, Mapping) else value
+    return merged
+
+
+def with_instance_run_config(
+    run_config: Mapping, instance_run_config_fn: InstanceRunConfigFn | None, partition_key: str, instance: dg.DagsterInstance
+) -> dict:
+    """``run_config`` of a ``train_instances`` run for ``partition_key``, with the code location's
+    per-instance sizing laid over it (unchanged when the code location has none).
+
+    The sizing wins where both set a value: on Kubernetes the ``instance_model`` pod's memory and
+    the MemoryGuard budget are computed together (the guard's budget is the pod's request), so a
+    budget carried over from the chain's starting run (the budget the plan was made for) must not
+    replace the one that fits the pod. Everything else in ``run_config`` (ops settings, other
+    resources' config, the rest of the executor's config) is kept. Raises ChainConfigError, with
+    the fix, when the plan cannot size the partition."""
+    if instance_run_config_fn is None:
+        return dict(run_config)
+    try:
+        sizing = instance_run_config_fn(partition_key, instance)
+    except (RuntimeError, ValueError) as error:
+        raise ChainConfigError(str(error)) from error
+    return _overlaid(run_config, sizing)
 
 
 def chain_settings_of(run_config: Mapping | None) -> dict:

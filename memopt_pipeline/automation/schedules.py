@@ -5,7 +5,8 @@ then launch one train_instances run per instance partition and evaluate_and_expl
 stopped by default: start it in the UI (Automation) once a full_training run has made a plan.
 Cron from ``$MEMOPT_RETRAIN_CRON`` (default 02:00 every day, in UTC); settings of the runs from
 the file named by ``$MEMOPT_AUTOMATION_CONFIG`` (automation/run_config.py): its resources, and
-the train and evaluate stages' ops as the chain settings.
+the train and evaluate stages' ops as the chain settings. On Kubernetes the chain's train runs
+get their plan-sized instance_model pods from chain_train_instances (automation/chaining.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def retrain_cron() -> str:
 def build_nightly_retrain_schedule(cron: str) -> dg.ScheduleDefinition:
     def nightly_retrain(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         # Read at every tick, so editing the file takes effect without reloading the code location.
+        # No pod sizing here, on Kubernetes either: retrain_from_current_plan has no instance_model
+        # step, and the train runs of its chain are sized by chain_train_instances once this run
+        # has checked the plan (automation/chaining.py, deploy/k8s.py).
         return dg.RunRequest(run_config=chain_start_run_config(load_automation_config(), start_assets=[]))
 
     try:

@@ -11,9 +11,21 @@ instance. So the ``train_instances`` job has a PartitionedConfig: when a run is 
 instance partition k (a backfill, the Launchpad), its run config is built from the latest
 materialized plan — the k8s executor's ``per_step_k8s_config`` for the ``instance_model`` op
 (memory request = predicted peak x (1 + margin), a limit above it) and the MemoryGuard budget
-that matches the pod (core/memory/concurrency.py, :func:`container_memory`). Runs launched with a run
-config of their own (the chain sensors) replace the PartitionedConfig, as Dagster defines;
-they can merge :func:`instance_run_config` into theirs.
+that matches the pod (core/memory/concurrency.py, :func:`container_memory`).
+
+Runs launched with a run config of their own replace the PartitionedConfig, as Dagster defines,
+so the automation that launches ``train_instances`` runs lays the same sizing over its config
+(automation/run_config.py, :func:`with_instance_run_config`): this module builds those sensors
+with the one function that sizes a partition from the plan (``plan_sized_run_config`` in
+:func:`build_k8s_definitions`, which the PartitionedConfig calls too):
+
+- chain_train_instances: every train run of a chain, however the chain started (Launchpad,
+  nightly_retrain, dataset_change_sensor), sized when the starting run has succeeded, i.e.
+  once the plan those runs train is materialized; the starting runs have no instance_model;
+- oom_rematerialization_sensor: a re-run of an instance partition, sized again from the plan.
+
+A sensor added later that launches ``train_instances`` fails the code location's load until it
+is built with that function here.
 
 The margin is ``$MEMOPT_K8S_MEMORY_MARGIN`` (default 0.25). Every pod must see the same
 output folder (``$MEMOPT_OUTPUT_DIR`` on a shared volume, see dagster.k8s.yaml): steps pass
@@ -29,7 +41,10 @@ from dagster_k8s import k8s_job_executor
 
 from memopt_pipeline.assets import INSTANCE_ASSETS
 from memopt_pipeline.assets.partitions import instance_partitions
+from memopt_pipeline.automation.chaining import build_chain_train_instances
 from memopt_pipeline.automation.concurrency import instance_rows
+from memopt_pipeline.automation.jobs import ALL_JOBS
+from memopt_pipeline.automation.sensors import build_oom_rematerialization_sensor
 from memopt_pipeline.core.memory.concurrency import container_memory, predicted_instance_peak
 from memopt_pipeline.core.memory.planner import MemoryPlan
 from memopt_pipeline.core.units import GiB
@@ -101,12 +116,17 @@ def build_k8s_definitions(margin: float | None = None, resources: dict | None = 
     margin = memory_margin_from_env() if margin is None else margin
     container_memory(1, margin)  # validate the margin now, not at the first launch
 
-    def run_config_for_instance(partition_key: str) -> dict:
+    def plan_sized_run_config(partition_key: str, instance: dg.DagsterInstance | None = None) -> dict:
+        # The one place a run's instance_model pod is sized: the job's PartitionedConfig (backfills,
+        # the Launchpad; the instance is the one the code location sees) and the sensors that bring
+        # their own run config (automation.run_config.InstanceRunConfigFn; their context's instance).
         try:
             # Values are found through the instance's latest materializations (immutable checkpoints).
-            with dg.DagsterInstance.get() as instance:
-                plan = k8s_defs.load_asset_value("memory_plan", instance=instance)
-                assignment = k8s_defs.load_asset_value("instance_assignment", instance=instance)
+            if instance is None:
+                with dg.DagsterInstance.get() as current:
+                    plan, assignment = _plan_and_assignment(current)
+            else:
+                plan, assignment = _plan_and_assignment(instance)
         except Exception as error:  # the values are read from the IO manager's storage
             raise RuntimeError(
                 f"cannot size the pod of {INSTANCE_OP} [{partition_key}]: the materialized memory_plan and "
@@ -115,10 +135,16 @@ def build_k8s_definitions(margin: float | None = None, resources: dict | None = 
             ) from error
         return instance_run_config(plan, assignment, partition_key, margin)
 
+    def _plan_and_assignment(instance: dg.DagsterInstance) -> tuple[dict, dict]:
+        return (
+            k8s_defs.load_asset_value("memory_plan", instance=instance),
+            k8s_defs.load_asset_value("instance_assignment", instance=instance),
+        )
+
     train_instances = dg.define_asset_job(
         TRAIN_JOB,
         selection=dg.AssetSelection.assets(*INSTANCE_ASSETS),
-        config=dg.PartitionedConfig(instance_partitions, run_config_for_partition_key_fn=run_config_for_instance),
+        config=dg.PartitionedConfig(instance_partitions, run_config_for_partition_key_fn=plan_sized_run_config),
         description="cv_folds and instance_model for one instance partition; the instance_model pod's memory "
         f"request is the plan's predicted peak x {1 + margin:.2f}.",
     )
@@ -126,14 +152,28 @@ def build_k8s_definitions(margin: float | None = None, resources: dict | None = 
     def swap(jobs):
         return [train_instances if job.name == TRAIN_JOB else job for job in jobs]
 
-    # Sensors and schedules that launch train_instances must target this job: a second
-    # definition under the same name would be a conflict.
-    sensors = [
-        sensor.with_attributes(jobs=swap(sensor.jobs))
-        if sensor.has_jobs and any(job.name == TRAIN_JOB for job in sensor.jobs)
-        else sensor
-        for sensor in local_defs.sensors or []
-    ]
+    # The sensors that launch train_instances runs bring their own run config, which replaces the
+    # job's PartitionedConfig: they are built again here, targeting this job (a second definition
+    # under the same name would be a conflict) and laying the same plan sizing over their config.
+    sized_sensors = {
+        sensor.name: sensor
+        for sensor in (
+            build_chain_train_instances(train_instances, plan_sized_run_config),
+            build_oom_rematerialization_sensor(swap(ALL_JOBS), plan_sized_run_config),
+        )
+    }
+    sensors = []
+    for sensor in local_defs.sensors or []:
+        if sensor.name in sized_sensors:
+            sensors.append(sized_sensors[sensor.name])
+        elif sensor.has_jobs and any(job.name == TRAIN_JOB for job in sensor.jobs):
+            raise RuntimeError(
+                f"sensor {sensor.name} launches {TRAIN_JOB} runs, whose {INSTANCE_OP} pods would get the default "
+                "resources: build it in memopt_pipeline/deploy/k8s.py with plan_sized_run_config, as the chain and "
+                "out-of-memory sensors are"
+            )
+        else:
+            sensors.append(sensor)
     schedules = [
         schedule.with_updated_job(train_instances) if schedule.job_name == TRAIN_JOB else schedule
         for schedule in local_defs.schedules or []
