@@ -19,10 +19,11 @@ from memopt_pipeline.core.report.run_report import markdown_table
 from memopt_pipeline.core.storage import atomic_path, file_sha256, write_json
 from memopt_pipeline.core.train.calibration import apply_calibration, expected_calibration_error, fit_calibration
 from memopt_pipeline.core.train.callbacks import lightgbm_callback, xgboost_callback
+from memopt_pipeline.core.train.dask_cluster import DEFAULT_WORKERS, dask_client, local_worker_memory
 from memopt_pipeline.core.train.instance import BoostingParams
 from memopt_pipeline.core.train.lightgbm_backend import train_instance
 from memopt_pipeline.core.train.xgboost_backend import train_instance_xgboost
-from memopt_pipeline.core.train.xgboost_dask import dask_client, train_instance_xgboost_dask
+from memopt_pipeline.core.train.xgboost_dask import train_instance_xgboost_dask
 from memopt_pipeline.core.train.xgboost_model import save_xgboost_model
 from memopt_pipeline.core.units import GiB
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
@@ -39,7 +40,14 @@ class TrainingConfig(dg.Config):
     dask_scheduler_address: str = Field(
         default="",
         description="xgboost_dask only: the Dask scheduler, e.g. tcp://scheduler:8786; its workers read the "
-        "Parquet shards (shared storage) and need memopt_pipeline installed. Empty: a LocalCluster inside the step.",
+        "Parquet shards (shared storage) and need memopt_pipeline installed. Empty: a LocalCluster of "
+        "dask_workers worker processes started for the step.",
+    )
+    dask_workers: int = Field(
+        default=DEFAULT_WORKERS,
+        description="xgboost_dask, empty dask_scheduler_address: the LocalCluster's worker processes, each with "
+        "num_threads / dask_workers threads and a share of the plan's predicted training peak as its memory "
+        "limit; a worker killed by its nanny at that limit fails the step as out of memory (retried lower).",
     )
     objective: Literal["softmax", "ovr"] = Field(
         default="softmax",
@@ -167,7 +175,13 @@ def instance_model(
             model_path = partition_dir / "model.ubj"
             save_xgboost_model(training.booster, model_path)
         elif backend == "xgboost_dask":
-            with dask_client(config.dask_scheduler_address, threads=config.num_threads, log=context.log.info) as session:
+            # A local cluster's workers share the plan's predicted training peak (core/train/dask_cluster.py).
+            local = not config.dask_scheduler_address
+            worker_memory = local_worker_memory(plan, instance_rows, config.dask_workers) if local else None
+            with dask_client(
+                config.dask_scheduler_address, threads=config.num_threads, n_workers=config.dask_workers,
+                worker_memory_bytes=worker_memory, log=context.log.info,
+            ) as session:  # fmt: skip
                 training = train_instance_xgboost_dask(
                     reader,
                     fold_of_gene,

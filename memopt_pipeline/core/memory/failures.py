@@ -3,9 +3,13 @@
 Out-of-memory shows up in many disguises: Python's MemoryError (pyarrow's ArrowMemoryError
 is one), our own MemoryBudgetExceeded, C++ ``std::bad_alloc`` surfacing in LightGBM/XGBoost
 messages, CUDA allocation failures, Rust's "memory allocation of N bytes failed" abort
-(SIGABRT), numpy's "Unable to allocate", and a step process killed by the kernel's OOM
-killer (signal 9, exit status 137). Everything else is not out-of-memory, so it must not be
-retried at a lower memory level.
+(SIGABRT), numpy's "Unable to allocate", a step process killed by the kernel's OOM
+killer (signal 9, exit status 137), and a Dask worker ended for memory: our
+DaskWorkerOutOfMemory (its nanny killed it at its memory limit) or distributed's
+``KilledWorker`` (workers kept dying while running a task, which Dask's own documentation
+names memory as the usual cause of). Everything else is not out-of-memory, so it must not be
+retried at a lower memory level; an exception a task raised on a Dask worker reaches the
+client as that exception, and is judged like any other.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ from __future__ import annotations
 import re
 import signal
 
-from memopt_pipeline.core.memory.errors import MemoryBudgetExceeded
+from memopt_pipeline.core.memory.errors import DaskWorkerOutOfMemory, MemoryBudgetExceeded
 from memopt_pipeline.core.memory.monitor import DEFAULT_CLEANUP_FRACTION
 from memopt_pipeline.core.units import GiB
 
 _OOM_TEXT = re.compile(
     r"MemoryError|MemoryBudgetExceeded|ArrowMemoryError|bad_alloc|CUDA out of memory|"
     r"cudaErrorMemoryAllocation|out of memory|Unable to allocate|memory allocation of \d+ bytes failed|"
-    r"Cannot allocate memory",
+    r"Cannot allocate memory|DaskWorkerOutOfMemory|KilledWorker",
     re.IGNORECASE,
 )
 # Dagster's multiprocess executor: "child process for step X unexpectedly exited with code -9";
@@ -29,13 +33,20 @@ _KILLED_TEXT = re.compile(r"(exited with code|exit code|exit status|returncode)\
 _ABORT_TEXT = re.compile(r"(exited with code|exit code|exit status)\s*[:=]?\s*(-6|134)\b|SIGABRT", re.IGNORECASE)
 
 
+def is_killed_worker(error: BaseException) -> bool:
+    """distributed's ``KilledWorker``, recognised without importing distributed (an optional extra)."""
+    cls = type(error)
+    return cls.__name__ == "KilledWorker" and cls.__module__.split(".")[0] == "distributed"
+
+
 def exception_is_out_of_memory(error: BaseException) -> bool:
-    """True for MemoryError (ArrowMemoryError included), MemoryBudgetExceeded, or an error whose
-    message (or cause chain) says an allocation failed."""
+    """True for MemoryError (ArrowMemoryError included), MemoryBudgetExceeded, a Dask worker ended
+    for memory (DaskWorkerOutOfMemory, distributed's KilledWorker), or an error whose message
+    (or cause chain) says an allocation failed."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, (MemoryError, MemoryBudgetExceeded)):
+        if isinstance(error, (MemoryError, MemoryBudgetExceeded, DaskWorkerOutOfMemory)) or is_killed_worker(error):
             return True
         if _OOM_TEXT.search(f"{type(error).__name__}: {error}"):
             return True

@@ -24,16 +24,18 @@ driving :class:`XGBoostDaskBackend`):
 Objectives as in :func:`xgboost_model.xgboost_params` (one-vs-rest: one-hot label columns).
 
 The step's MemoryGuard callbacks are not passed on: XGBoost runs callbacks on the workers,
-whose memory Dask's own worker limits manage. With no scheduler address, :func:`dask_client`
-starts a LocalCluster with one in-process worker, so that the step's MemoryGuard does cover
-its memory.
+whose memory Dask's own worker limits manage. With no scheduler address,
+:func:`dask_cluster.dask_client` starts a LocalCluster of worker processes, each with its own
+memory limit (a share of the plan's predicted training peak) that its nanny enforces; a
+worker killed at its limit fails the training as out of memory
+(:class:`~memopt_pipeline.core.memory.errors.DaskWorkerOutOfMemory`, see
+:mod:`memopt_pipeline.core.train.dask_cluster`). XGBoost uses each worker's own threads.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection
 
 import numpy as np
 import pandas as pd
@@ -41,78 +43,16 @@ import pandas as pd
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.train.calibration import normalise_rows
+from memopt_pipeline.core.train.dask_cluster import DaskSession, worker_memory_failures
 from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining
 from memopt_pipeline.core.train.loop import FoldSplit, train_two_phases
-from memopt_pipeline.core.train.threads import resolve_threads
 from memopt_pipeline.core.train.xgboost_model import best_rounds, device_check, one_hot_classes, xgboost_params
 
 # The label travels as one more column of each partition; a name no feature will have.
 LABEL_COLUMN = "__memopt_label__"
-LOOPBACK = "127.0.0.1"
-# Workers of an in-process LocalCluster talk in memory, but the scheduler and workers still
-# serve HTTP (health, dashboard): keep those on loopback, on free ports.
-LOCAL_CLUSTER_HTTP = {"dashboard_address": f"{LOOPBACK}:0", "worker_dashboard_address": f"{LOOPBACK}:0"}
 
 
 # --- cluster ---------------------------------------------------------------------------------
-
-
-@dataclass
-class DaskSession:
-    client: "distributed.Client"  # noqa: F821 (imported lazily: distributed is heavy)
-    tracker_host: str | None  # where XGBoost's collective tracker listens (None: the scheduler's host)
-    description: str
-
-
-@contextlib.contextmanager
-def dask_client(
-    scheduler_address: str,
-    *,
-    threads: int = 0,
-    log: Callable[[str], None] = lambda message: None,
-    timeout: str = "30s",
-) -> Iterator[DaskSession]:
-    """A client of the cluster at ``scheduler_address``; empty: a LocalCluster for the block.
-
-    The LocalCluster has one worker *in this process* (``processes=False``) with ``threads``
-    threads (0 = the CPUs this process may use) and no Dask memory limit: its memory is this process's, which the
-    step's MemoryGuard measures and caps. Everything listens on the loopback interface.
-    ``timeout`` bounds the wait for a remote scheduler.
-    """
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError as error:
-        raise ImportError(
-            f"the xgboost_dask backend needs Dask ({error}); install it with pip install 'memopt_pipeline[dask]'"
-        ) from error
-
-    if scheduler_address:
-        try:
-            client = Client(scheduler_address, timeout=timeout)
-        except OSError as error:
-            raise ConnectionError(
-                f"cannot reach the Dask scheduler at {scheduler_address!r} ({error}); check dask_scheduler_address, "
-                "or leave it empty to train on a LocalCluster inside the step"
-            ) from error
-        with client:
-            workers = client.scheduler_info().get("workers", {})
-            description = f"Dask scheduler {scheduler_address} with {len(workers)} worker(s)"
-            log(f"XGBoost on Dask: {description}")
-            yield DaskSession(client=client, tracker_host=None, description=description)
-        return
-    threads = resolve_threads(threads)
-    description = f"LocalCluster started for this step (one in-process worker, {threads} thread(s))"
-    log(
-        f"dask_scheduler_address is empty: starting a LocalCluster for this step (one in-process worker, {threads} "
-        "thread(s)); its memory counts against this step's budget. Set dask_scheduler_address to train on a cluster"
-    )
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=threads, processes=False, memory_limit=0, **LOCAL_CLUSTER_HTTP
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield DaskSession(client=client, tracker_host=LOOPBACK, description=description)
 
 
 def workers_device(session: DaskSession, log: Callable[[str], None] = lambda message: None) -> str:
@@ -227,7 +167,26 @@ def _matrix(session: DaskSession, frame, features: list[str], *, max_bin: int, o
     if one_hot_classes:
         meta = pd.DataFrame({name: pd.Series(dtype=np.float32) for name in _one_hot_columns(one_hot_classes)})
         labels = labels.map_partitions(_one_hot_labels, one_hot_classes, meta=meta)
-    return dxgb.DaskQuantileDMatrix(session.client, frame[features], labels, max_bin=max_bin, ref=ref, feature_names=features)
+    data, labels = _persisted(session, frame[features], labels)
+    return dxgb.DaskQuantileDMatrix(session.client, data, labels, max_bin=max_bin, ref=ref, feature_names=features)
+
+
+def _persisted(session: DaskSession, *collections):
+    """``collections`` persisted on the workers, once every partition is there.
+
+    ``DaskQuantileDMatrix`` persists its inputs too (a no-op on these) but only asserts that
+    each partition finished: a partition that failed would surface as a bare
+    ``AssertionError: error``, once every partition was done. Waiting here raises the first
+    failed partition's own error as soon as it fails: a reader's exception, or
+    ``KilledWorker`` when the workers reading it kept dying.
+    """
+    import distributed
+
+    persisted = session.client.persist(list(collections))
+    for future in distributed.as_completed(session.client.futures_of(persisted)):
+        if future.status in ("error", "cancelled"):
+            future.result()  # raises the partition's error
+    return persisted
 
 
 # --- training --------------------------------------------------------------------------------
@@ -369,10 +328,14 @@ def train_instance_xgboost_dask(
     from xgboost.collective import Config as CollConfig
 
     xgb_params = xgboost_params(params, n_classes=reader.metadata.n_classes, device=device or workers_device(session, log))
+    # Each worker trains with its own threads (xgboost.dask's default without "nthread"): the
+    # count this process resolved is its own CPUs, not a worker's share of them.
+    xgb_params.pop("nthread", None)
     backend = XGBoostDaskBackend(
         reader, session=session, params=params, xgb_params=xgb_params,
         coll_cfg=CollConfig(tracker_host_ip=session.tracker_host) if session.tracker_host else None,
         partition_rows=partition_rows, batch_rows=batch_rows, log=log,
     )  # fmt: skip
     classes = reader.metadata.classes
-    return train_two_phases(backend, fold_of_gene, validation_folds=validation_folds, classes=classes, log=log)
+    with worker_memory_failures(session):  # a worker killed for memory: DaskWorkerOutOfMemory
+        return train_two_phases(backend, fold_of_gene, validation_folds=validation_folds, classes=classes, log=log)

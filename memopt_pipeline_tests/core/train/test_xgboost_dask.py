@@ -8,6 +8,7 @@ from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.data.folds import gene_folds
 from memopt_pipeline.core.evaluate.ensemble import XGBoostModel, load_model
 from memopt_pipeline.core.evaluate.metrics import multiclass_metrics
+from memopt_pipeline.core.train import dask_cluster as dc
 from memopt_pipeline.core.train import xgboost_dask as xd
 from memopt_pipeline.core.train import xgboost_model as xm
 from memopt_pipeline.core.train.instance import BoostingParams
@@ -28,13 +29,14 @@ def split(tiny_metadata):
 
 @pytest.fixture(scope="module")
 def session():
-    # Two workers (threads of this process, one core each): partitions really are spread
-    # over workers and XGBoost's collective joins them; the tracker listens on loopback.
+    # Two workers (threads of this process, one core each, quick to start): partitions really are
+    # spread over workers and XGBoost's collective joins them; the tracker listens on loopback.
+    # The backend's own cluster of worker processes: test_dask_cluster.py.
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **xd.LOCAL_CLUSTER_HTTP) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **dc.LOCAL_CLUSTER_HTTP) as cluster,
         Client(cluster) as client,
     ):
-        yield xd.DaskSession(client=client, tracker_host=xd.LOOPBACK, description="test LocalCluster")
+        yield dc.DaskSession(client=client, tracker_host=dc.LOOPBACK, description="test LocalCluster")
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +110,9 @@ def test_the_model_saves_as_ubjson_and_loads_through_the_ensemble(trained, split
     assert metrics["logloss"] < metrics["baseline_logloss"]
 
 
-def test_an_empty_scheduler_address_starts_a_local_cluster_and_says_so():
-    messages = []
-    with xd.dask_client("", threads=1, log=messages.append) as session:
-        assert session.tracker_host == xd.LOOPBACK
-        assert len(session.client.scheduler_info()["workers"]) == 1
-    assert any("starting a LocalCluster" in message for message in messages)
-
-
 def test_an_unreachable_scheduler_is_a_clear_error():
     with pytest.raises(ConnectionError, match="dask_scheduler_address"):
-        with xd.dask_client("tcp://127.0.0.1:1", log=lambda m: None, timeout="2s"):
+        with dc.dask_client("tcp://127.0.0.1:1", log=lambda m: None, timeout="2s"):
             pass
 
 
