@@ -3,6 +3,9 @@
     python benchmarks/train_memory.py                      # 8000 genes x 20 exons (~2.1M rows x 338 features)
     python benchmarks/train_memory.py --quick              # 300 genes x 6 exons, 60 rounds: smoke test (~1 min)
     python benchmarks/train_memory.py --data DIR --approaches naive_lightgbm,pipeline --budget-gb 1
+    # Bigger than the machine: ~10M rows x 338 features (13.7 GB of float32), generated shard by shard
+    python benchmarks/train_memory.py --genes 38000 --approaches naive_lightgbm,xgboost_extmem,pipeline \
+        --budget-gb 4 --max-rounds 30 --naive-data-limit-gb 20
 
 Approaches (each runs in its own child process, one after the other, so they never share
 memory or compete for cores):
@@ -78,7 +81,10 @@ LAMBDA_L2 = 1.0
 EARLY_STOPPING_ROUNDS = 20
 
 # Rows per XGBoost external-memory batch (the generator's Parquet row group size).
-EXTMEM_BATCH_ROWS = 65_536
+# XGBoost's external-memory guide asks for pages as large as memory allows: every tree level
+# reads every page (benchmarks/external_memory.py measured 65,536-row pages 3x slower per round
+# than 262,144-row ones on 338 features).
+EXTMEM_BATCH_ROWS = 262_144
 
 # --quick: ~20k rows; 60 rounds keep the pipeline's 3 folds + refit short (early stopping
 # may not trigger, which is fine for a smoke test).
@@ -105,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma list of instance counts, one pipeline run each (0 = as the plan needs; default 0)")
     parser.add_argument("--pipeline-args", default="", help="extra `memopt run` options for the pipeline runs")
     parser.add_argument("--threads", type=int, default=0, help="threads per approach (default 0 = all cores)")
+    parser.add_argument("--naive-data-limit-gb", type=float, default=0,
+                        help="run the naive baselines under this data-segment limit (setrlimit RLIMIT_DATA, as "
+                        "`prlimit --data`), GiB: a load that does not fit fails with MemoryError instead of calling the "
+                        "kernel's OOM killer onto the machine (default 0: no limit)")
+    parser.add_argument("--extmem-batch-rows", type=int, default=EXTMEM_BATCH_ROWS,
+                        help=f"rows per XGBoost external-memory batch, i.e. per cache page (default {EXTMEM_BATCH_ROWS:,})")
     parser.add_argument("--quick", action="store_true", help=f"smoke test on a {QUICK_GENES}-gene dataset")
     parser.add_argument("--quiet", action="store_true", help="do not echo the children's output (it is always logged)")
     # Internal: how the parent starts a baseline child.
@@ -187,6 +199,7 @@ def prepare_spec(data: Path, run_dir: Path, args: argparse.Namespace) -> dict:
         "folds": folds,  # naive_lightgbm: every fold stops early once (the pipeline's rule)
         "max_rounds": args.max_rounds,
         "threads": args.threads,
+        "extmem_batch_rows": args.extmem_batch_rows,
         "missing_features": sorted({f for s in metadata.shards for f in s.missing_features}),
     }
     (run_dir / "spec.json").write_text(json.dumps(spec))
@@ -198,17 +211,35 @@ def child_env(threads: int, **extra: str) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **extra}
 
 
-def run_child(command: list[str], log_path: Path, *, env: dict, prefix: str = "", echo: bool = True) -> dict:
+def data_limit(limit_bytes: int):
+    """A ``preexec_fn`` that caps the child's data segment at ``limit_bytes`` (what ``prlimit --data`` does).
+
+    Since Linux 4.7 RLIMIT_DATA counts private anonymous mappings too, i.e. every large
+    malloc, numpy array and Arrow buffer: an allocation beyond the limit fails (MemoryError in
+    Python, an abort in Rust or C++) in the child alone, instead of the kernel's OOM killer
+    choosing a victim on the machine."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def run_child(command: list[str], log_path: Path, *, env: dict, prefix: str = "", echo: bool = True,
+              data_limit_bytes: int = 0) -> dict:
     """Run one child to completion; return its exit status, peak RSS (from os.wait4) and wall time.
 
     Output goes to ``log_path`` (and, prefixed, to our stdout). Popen + os.wait4 rather than
     Popen.wait: wait4 is the only call that hands back the rusage of that one child.
+    ``data_limit_bytes``: run it under that data-segment limit (:func:`data_limit`).
     """
     import psutil
 
     started, busy_before = time.monotonic(), _busy_cpu_seconds(psutil.cpu_times())
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO_DIR, env=env)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO_DIR, env=env,
+                                   preexec_fn=data_limit(data_limit_bytes) if data_limit_bytes else None)
 
         def pump() -> None:  # drain the pipe so the child never blocks on a full one
             for line in process.stdout:
@@ -236,6 +267,8 @@ def run_child(command: list[str], log_path: Path, *, env: dict, prefix: str = ""
         failure = f"killed by {signal.Signals(sig).name} (status {128 + sig})"
         if sig == signal.SIGKILL:
             failure += ", likely the OOM killer"
+        elif sig == signal.SIGABRT and data_limit_bytes:
+            failure += f", an allocation beyond the {data_limit_bytes / GiB:g} GiB data limit: {_last_line(log_path)}"
     elif os.WEXITSTATUS(status) != 0:
         failure = f"exit {os.WEXITSTATUS(status)}: {_last_line(log_path)}"
     # CPU time the machine spent on anything but this child while it ran: a busy neighbour
@@ -255,7 +288,7 @@ def _last_line(path: Path, limit: int = 160) -> str:
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     # Prefer the line naming the error over a trailing hint.
     for line in reversed(lines):
-        if "Error" in line or "failed" in line or "Exceeded" in line:
+        if "Error" in line or "failed" in line or "Exceeded" in line or "memory allocation" in line:
             return line[:limit]
     return lines[-1][:limit] if lines else "(no output)"
 
@@ -267,13 +300,37 @@ def holdout_metrics(predictions_path: Path, classes: list) -> dict:
         return multiclass_metrics(saved["labels"], saved["proba"], classes)
 
 
+def site_pr_auc(per_class: dict) -> float | None:
+    """Mean PR-AUC of every class but the most prevalent one: the splice sites, not "neither"
+    (whose PR-AUC is near 1 for any model and would hide the difference)."""
+    if not per_class:
+        return None
+    majority = max(per_class, key=lambda name: per_class[name]["prevalence"])
+    values = [entry["pr_auc"] for name, entry in per_class.items() if name != majority]
+    return float(np.mean(values)) if values else None
+
+
+def latest_asset_value(assets: Path, name: str, partition: str | None = None):
+    """The newest value of an asset in a pipeline's output folder.
+
+    The JSON IO manager writes one file per materialization, ``assets/<asset>/[<partition>/]<run_id>.json``;
+    in the benchmark's throw-away Dagster instance the newest file is the latest materialization."""
+    folder = assets / name / partition if partition else assets / name
+    files = sorted(folder.glob("*.json"), key=lambda path: path.stat().st_mtime)
+    if not files:
+        raise OSError(f"no value file under {folder}")
+    return json.loads(files[-1].read_text())
+
+
 def run_baseline(approach: str, spec: dict, run_dir: Path, args: argparse.Namespace) -> dict:
     """One baseline in a child process (this script with --child); metrics from its saved predictions."""
     out = run_dir / f"{approach}.json"
     command = [sys.executable, "-u", str(Path(__file__).resolve()), "--child", approach,
                "--spec", str(run_dir / "spec.json"), "--out", str(out)]
+    naive = approach.startswith("naive")
     row = {"approach": approach, **run_child(command, run_dir / f"{approach}.log", env=child_env(args.threads),
-                                             prefix=f"  [{approach}] ", echo=not args.quiet)}
+                                             prefix=f"  [{approach}] ", echo=not args.quiet,
+                                             data_limit_bytes=int(args.naive_data_limit_gb * GiB) if naive else 0)}
     if row["failure"]:
         return row
     try:
@@ -284,7 +341,7 @@ def run_baseline(approach: str, spec: dict, run_dir: Path, args: argparse.Namesp
     metrics = holdout_metrics(Path(child.pop("predictions")), spec["classes"])
     row.update(child)
     row.update(logloss=metrics["logloss"], baseline_logloss=metrics["baseline_logloss"],
-               accuracy=metrics["accuracy"], holdout_rows=metrics["rows"])
+               accuracy=metrics["accuracy"], holdout_rows=metrics["rows"], pr_auc=site_pr_auc(metrics["per_class"]))
     rule = f"mean of {len(spec['folds'])} gene-fold ES" if approach == "naive_lightgbm" else "ES on gene fold 0"
     stopped = "never stopped early" if child["rounds"] >= spec["max_rounds"] else rule
     row["note"] = f"{child['rounds']} rounds ({stopped}); " + (
@@ -318,9 +375,10 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace, instances:
         return row
     assets = output / "assets"
     try:
-        evaluation = json.loads((assets / "holdout_evaluation.json").read_text())
-        split = json.loads((assets / "gene_split.json").read_text())
-        instances = json.loads((assets / "instance_assignment.json").read_text())["instances"]
+        evaluation = latest_asset_value(assets, "holdout_evaluation")
+        split = latest_asset_value(assets, "gene_split")
+        instances = latest_asset_value(assets, "instance_assignment")["instances"]
+        plan = latest_asset_value(assets, "memory_plan")
     except (OSError, KeyError, ValueError) as error:
         row["failure"] = f"finished but its results are unreadable: {error}"
         return row
@@ -328,7 +386,7 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace, instances:
         print("WARNING: the pipeline's holdout genes differ from the baselines' - its logloss is not comparable", flush=True)
         row["warning"] = "holdout genes differ from the baselines'"
     if len(instances) == 1:
-        folds = json.loads((assets / "cv_folds" / "instance_0.json").read_text())["fold_of_gene"]
+        folds = latest_asset_value(assets, "cv_folds", "instance_0")["fold_of_gene"]
         if any(sorted(g for g, f in folds.items() if f == k) != genes for k, genes in enumerate(spec["folds"])):
             print("WARNING: the pipeline's folds differ from naive_lightgbm's - the early-stopping rule is not the same",
                   flush=True)
@@ -338,10 +396,13 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace, instances:
         uncalibrated_logloss=evaluation.get("uncalibrated_logloss"),
         logloss=evaluation["logloss"], baseline_logloss=evaluation.get("baseline_logloss"),
         accuracy=evaluation.get("accuracy"), holdout_rows=evaluation.get("rows"),
+        pr_auc=site_pr_auc(evaluation.get("per_class") or {}), plan=plan,
         rows=split["train_rows"], features=len(spec["features"]), instances=len(instances),
         instance_rows=overlap_rows,
     )
-    row["note"] = (f"{len(instances)} instance(s) ({overlap_rows:,} rows incl. overlap); "
+    row["note"] = (f"plan: {plan['strategy']}, up to {plan['max_rows_per_instance']:,} rows per instance"
+                   + (f" ({plan['choice']})" if plan.get("choice") else "")
+                   + f"; {len(instances)} instance(s) ({overlap_rows:,} rows incl. overlap); "
                    f"{args.folds} folds; budget {args.budget_gb:g} GiB")
     if row.get("warning"):
         row["note"] += f"; {row['warning'].upper()}"
@@ -350,8 +411,8 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace, instances:
 
 def format_table(rows: list[dict], budget_gb: float) -> str:
     lines = ["| approach | peak RSS GB | wall s | holdout logloss | vs naive_lightgbm | uncalibrated logloss "
-             "| vs naive_lightgbm | rows | features | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| vs naive_lightgbm | site PR-AUC | rows | features | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     reference = next((r["logloss"] for r in rows if r["approach"] == "naive_lightgbm" and not r.get("failure")), None)
 
     def versus(value):
@@ -359,7 +420,7 @@ def format_table(rows: list[dict], budget_gb: float) -> str:
 
     for row in rows:
         if row.get("failure"):
-            lines.append(f"| {row['approach']} | {row['peak_rss_gb']:.2f} | {row['wall_s']:.1f} | failed | | | | | | "
+            lines.append(f"| {row['approach']} | {row['peak_rss_gb']:.2f} | {row['wall_s']:.1f} | failed | | | | | | | "
                          f"FAILED: {row['failure'].replace('|', '/')} |")
             continue
         note = row.get("note", "")
@@ -370,8 +431,13 @@ def format_table(rows: list[dict], budget_gb: float) -> str:
         uncalibrated = row.get("uncalibrated_logloss")
         lines.append(f"| {row['approach']} | {row['peak_rss_gb']:.2f} | {row['wall_s']:.1f} | {row['logloss']:.4f} | "
                      f"{versus(row['logloss'])} | {'' if uncalibrated is None else f'{uncalibrated:.4f}'} | "
-                     f"{versus(uncalibrated)} | {row['rows']:,} | {row['features']} | {note} |")
+                     f"{versus(uncalibrated)} | {_number(row.get('pr_auc'))} | "
+                     f"{row['rows']:,} | {row['features']} | {note} |")
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def main_parent(args: argparse.Namespace) -> int:
@@ -394,6 +460,9 @@ def main_parent(args: argparse.Namespace) -> int:
         f"max rounds {args.max_rounds}, early stopping {EARLY_STOPPING_ROUNDS}, pipeline folds {args.folds}, "
         f"pipeline budget {args.budget_gb:g} GiB; {args.threads} threads per approach, {os.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / GiB:.1f} GiB RAM",
+        f"XGBoost external memory: {args.extmem_batch_rows:,} rows per batch (cache page)"
+        + (f"; naive baselines under a {args.naive_data_limit_gb:g} GiB data-segment limit (RLIMIT_DATA)"
+           if args.naive_data_limit_gb else ""),
     ]
     if spec["missing_features"]:
         header.append(f"note: {len(spec['missing_features'])} features are missing from some shards; "
@@ -489,14 +558,16 @@ def load_in_memory(spec: dict) -> tuple[np.ndarray, np.ndarray, int, np.ndarray,
 
     gene, label, features = spec["gene_column"], spec["label_column"], spec["features"]
     class_index = {value: i for i, value in enumerate(spec["classes"])}
+    _say(f"reading {len(spec['shards'])} shards into one polars frame")
     frame = pl.read_parquet(spec["shards"], columns=[gene, label, *features])
+    _say(f"read {frame.height:,} rows ({frame.estimated_size() / GiB:.2f} GiB); cutting the folds and the holdout out of it")
 
     def rows_of(genes: list[str]) -> pl.DataFrame:
         return frame.filter(pl.col(gene).cast(pl.Utf8).is_in(genes))
 
     parts = [rows_of(genes) for genes in spec["folds"]]
     holdout = rows_of(spec["holdout_genes"])
-    del frame
+    frame = None  # the whole dataset: released once the folds are cut out of it
     bounds = np.cumsum([0] + [part.height for part in parts]).tolist()
     train = pl.concat(parts)
     del parts
@@ -507,6 +578,7 @@ def load_in_memory(spec: dict) -> tuple[np.ndarray, np.ndarray, int, np.ndarray,
         y = part[label].replace_strict(class_index, return_dtype=pl.Int32).to_numpy()
         return X, y
 
+    _say(f"converting {train.height:,} training rows to a float32 numpy matrix")
     X_train, y_train = to_numpy(train)
     del train
     X_holdout, y_holdout = to_numpy(holdout)
@@ -629,7 +701,7 @@ def xgboost_extmem(spec: dict) -> dict:
 
         def next(self, input_data) -> bool:
             if self._batches is None:  # first call after reset(): a new pass over the shards
-                self._batches = iter_row_groups(spec, self._genes)
+                self._batches = iter_row_groups(spec, self._genes, spec["extmem_batch_rows"])
             batch = next(self._batches, None)
             if batch is None:
                 return False
@@ -662,7 +734,7 @@ def xgboost_extmem(spec: dict) -> dict:
         del full
         # Holdout streamed too: one batch of features in memory at a time.
         labels, proba = [], []
-        for X, y in iter_row_groups(spec, spec["holdout_genes"]):
+        for X, y in iter_row_groups(spec, spec["holdout_genes"], spec["extmem_batch_rows"]):
             proba.append(booster.inplace_predict(X))
             labels.append(y)
     finally:
