@@ -133,7 +133,6 @@ def expected_calibration_error(labels: np.ndarray, proba: np.ndarray, *, bins: i
         p = proba[:, k]
         observed = (labels == k).astype(np.float64)
         index = np.minimum((p * bins).astype(np.int64), bins - 1)
-        counts = np.bincount(index, minlength=bins)
         predicted_sum = np.bincount(index, weights=p, minlength=bins)
         observed_sum = np.bincount(index, weights=observed, minlength=bins)
         per_class.append(float(np.abs(predicted_sum - observed_sum).sum() / max(len(p), 1)))

@@ -174,7 +174,7 @@ def test_sampler_records_a_spike_without_any_check(releases):
 
 
 def test_sampler_thread_stops_on_exit():
-    with StageMonitor("load", BUDGET, rss_reader=FakeRSS(GiB), interval_s=0.005, use_kernel_peak=False) as monitor:
+    with StageMonitor("load", BUDGET, rss_reader=FakeRSS(GiB), interval_s=0.005, use_kernel_peak=False):
         thread = next(t for t in threading.enumerate() if t.name == "rss-sampler[load]")
         assert thread.daemon
     assert not thread.is_alive()
