@@ -8,7 +8,7 @@ from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.memory.gpu import gpu_status
 from memopt_pipeline.core.memory.measure import process_rss_bytes
-from memopt_pipeline.core.memory.planner import check_free_disk, make_plan
+from memopt_pipeline.core.memory.planner import MIN_ENSEMBLE_INSTANCE_ROWS, check_free_disk, make_plan
 from memopt_pipeline.core.units import GiB
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
@@ -19,6 +19,12 @@ class PlanConfig(dg.Config):
     batch_rows: int = Field(default=0, description="Rows per streamed batch; 0 lets the plan choose from the budget.")
     bin_sample_rows: int = Field(default=50_000, description="Rows sampled to find histogram bin edges.")
     safety: float = Field(default=0.85, description="Plan to this share of the budget, leaving the rest as margin.")
+    min_ensemble_instance_rows: int = Field(
+        default=MIN_ENSEMBLE_INSTANCE_ROWS,
+        description="When the data need several in-memory instances of fewer rows than this each, train one XGBoost "
+        "external-memory model of all rows instead (if it fits): below it an ensemble was measured to lose more than "
+        "0.5% holdout logloss (benchmarks/ensemble_size.py). 0: always the ensemble when its instances fit.",
+    )
 
 
 @dg.asset(code_version="1", group_name="planning")
@@ -45,12 +51,13 @@ def memory_plan(
         batch_rows=config.batch_rows or None,
         bin_sample_rows=config.bin_sample_rows,
         safety=config.safety,
+        min_ensemble_instance_rows=config.min_ensemble_instance_rows,
     )
     free_disk = check_free_disk(artifacts.root(), plan.disk_needed_bytes)
     context.log.info(
         f"plan: budget {budget / GiB:.2f} GiB, baseline {baseline / GiB:.2f} GiB, up to "
         f"{plan.max_rows_per_instance:,} rows per instance ({plan.strategy}); all {metadata.n_rows:,} rows in one "
-        f"model would need {plan.predicted_peak_full_data / GiB:.2f} GiB"
+        f"model would need {plan.predicted_peak_full_data / GiB:.2f} GiB. Strategy {plan.strategy}: {plan.choice}"
     )
     return versioned_output(
         context,
@@ -61,6 +68,7 @@ def memory_plan(
             "budget_gb": budget / GiB,
             "baseline_gb": baseline / GiB,
             "strategy": plan.strategy,
+            "strategy_choice": plan.choice,
             "max_rows_per_instance": plan.max_rows_per_instance,
             "min_instances_full_data": plan.min_instances_full_data,
             "batch_rows": plan.batch_rows,

@@ -15,6 +15,13 @@ Training holds the training and validation folds of one instance at once, i.e. a
 instance's rows. The planner solves the inequality ``peak <= budget * safety`` for the
 rows one instance may hold; ``instance_assignment`` later divides the sampled training
 genes into as many instances as that requires.
+
+When the rows need several instances, the plan chooses between that ensemble and one XGBoost
+external-memory model of all rows (:func:`choose_strategy`): by predicted time the ensemble
+always wins (every row is trained once either way, and external memory's rounds are slower),
+so expected quality decides: an ensemble whose instances would hold fewer than
+``min_ensemble_instance_rows`` rows, where splitting was measured to cost more than 0.5%
+holdout logloss, gives way to external memory when that fits the budget.
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ MAX_BATCH_ROWS = 65_536
 PAGE_BYTES_PER_CELL = 9
 MAX_PAGE_ROWS = 1_048_576
 MIN_INSTANCE_ROWS = 1_000  # below this a model is not worth training: the plan fails instead
+# Below this many rows per instance an ensemble loses more than 0.5% holdout logloss against one
+# model of all rows: on 2.0M training rows x 338 features, k = 2, 4, 8 instances of 1.10M, 551k and
+# 275k rows cost -0.09%, -0.08% and +0.31%, k = 16 of 138k rows +1.24%; the 0.5% line crosses at
+# about 247k rows (benchmarks/ensemble_size.py; table in benchmarks/README.md).
+MIN_ENSEMBLE_INSTANCE_ROWS = 250_000
+# XGBoost external memory's seconds per round against the same model in memory (QuantileDMatrix),
+# with plan-sized pages (benchmarks/external_memory.py: 0.82 s vs 0.50 s on 428k rows x 338).
+EXTERNAL_MEMORY_TIME_FACTOR = 1.65
 
 
 class PlanError(ValueError):
@@ -123,6 +138,7 @@ class MemoryPlan:
     predicted_peak_full_data: int  # training on all rows in one model (what naive code would need)
     predicted_peak_prediction: int  # streaming prediction with one batch
     disk_needed_bytes: int  # checkpoints: models, predictions, external-memory caches
+    choice: str = ""  # why this strategy, with the predicted time and expected quality of the alternatives
 
     def training_peak(self, rows: int) -> int:
         return training_footprint(
@@ -256,6 +272,7 @@ def make_plan(
     batch_rows: int | None = None,
     bin_sample_rows: int = 50_000,
     safety: float = 0.85,
+    min_ensemble_instance_rows: int = MIN_ENSEMBLE_INSTANCE_ROWS,
 ) -> MemoryPlan:
     """Choose batch rows and the largest instance that keeps training under budget * safety."""
     if budget_bytes <= 0:
@@ -272,16 +289,18 @@ def make_plan(
     per_row = n_features * bytes_per_binned_cell(max_bin) + n_classes * PER_ROW_STATE_BYTES_PER_CLASS
     room = usable - fixed.baseline - fixed.histograms - transient
     max_rows = int(room // per_row) if room > 0 else 0
-    external = False
-    if max_rows < MIN_INSTANCE_ROWS:
-        # No in-memory instance fits. XGBoost external memory keeps the binned rows on disk:
-        # RAM holds per-row gradients/predictions, the histograms and one raw batch (its bin
-        # sample is capped to the batch's bytes: external_memory_bin_sample_rows).
-        external_peak = external_memory_peak(
-            rows=dataset_rows, n_features=n_features, n_classes=n_classes, max_bin=max_bin,
-            num_leaves=num_leaves, batch_rows=batch_rows, baseline_bytes=baseline_bytes,
-        )
-        external = external_peak <= usable
+    # XGBoost external memory keeps the binned rows on disk: RAM holds per-row gradients and
+    # predictions, the histograms and one raw batch (its bin sample is capped to the batch's
+    # bytes: external_memory_bin_sample_rows).
+    external_fits = external_memory_peak(
+        rows=dataset_rows, n_features=n_features, n_classes=n_classes, max_bin=max_bin,
+        num_leaves=num_leaves, batch_rows=batch_rows, baseline_bytes=baseline_bytes,
+    ) <= usable
+    strategy, choice = choose_strategy(
+        dataset_rows=dataset_rows, max_rows=max_rows, external_fits=external_fits,
+        min_ensemble_instance_rows=min_ensemble_instance_rows,
+    )
+    external = strategy == "external_memory"
     if max_rows < MIN_INSTANCE_ROWS and not external:
         needed = (fixed.baseline + fixed.histograms + transient + MIN_INSTANCE_ROWS * per_row) / safety
         raise PlanError(
@@ -310,12 +329,56 @@ def make_plan(
         batch_rows=batch_rows,
         bin_sample_rows=bin_sample_rows,
         max_rows_per_instance=max(dataset_rows, 1) if external else max_rows,
-        strategy="external_memory" if external else ("in_memory" if dataset_rows <= max_rows else "multi_instance"),
+        strategy=strategy,
         # External memory trains all rows in one instance: its RAM does not grow with binned data.
         min_instances_full_data=1 if external else max(1, math.ceil(dataset_rows / max_rows)),
         predicted_peak_full_data=full.total,
         predicted_peak_prediction=prediction_peak,
         disk_needed_bytes=disk_needed,
+        choice=choice,
+    )
+
+
+def choose_strategy(
+    *, dataset_rows: int, max_rows: int, external_fits: bool, min_ensemble_instance_rows: int = MIN_ENSEMBLE_INSTANCE_ROWS
+) -> tuple[str, str]:
+    """(strategy, why) for ``dataset_rows`` rows when one in-memory model may hold ``max_rows``.
+
+    - all rows fit one model: ``in_memory``;
+    - k = ceil(rows / max_rows) instances: the ensemble trains every row once, about the time
+      of one in-memory model, against ``EXTERNAL_MEMORY_TIME_FACTOR`` times that for one
+      external-memory model; so the ensemble, unless its instances would hold fewer than
+      ``min_ensemble_instance_rows`` rows (measured to lose more than 0.5% holdout logloss)
+      and external memory fits (``external_fits``): then ``external_memory``, one model of
+      all rows at the quality of an in-memory one. 0 turns the quality rule off;
+    - no in-memory instance of ``MIN_INSTANCE_ROWS`` rows fits: ``external_memory`` when it fits.
+    The caller raises PlanError when the answer is an instance that does not fit.
+    """
+    slower = f"about {EXTERNAL_MEMORY_TIME_FACTOR:g}x the time per round of an in-memory model"
+    if max_rows >= max(dataset_rows, MIN_INSTANCE_ROWS):
+        return "in_memory", f"all {dataset_rows:,} rows fit one in-memory model"
+    if max_rows < MIN_INSTANCE_ROWS:
+        return ("external_memory" if external_fits else "multi_instance"), (
+            f"no in-memory instance of {MIN_INSTANCE_ROWS:,} rows fits the budget; one external-memory model of all rows "
+            f"({slower})" if external_fits else "neither an in-memory instance nor external memory fits the budget"
+        )
+    k = math.ceil(dataset_rows / max_rows)
+    per_instance = math.ceil(dataset_rows / k)
+    ensemble = f"{k} in-memory instances of about {per_instance:,} rows"
+    if per_instance >= min_ensemble_instance_rows:
+        rule = f"at least {min_ensemble_instance_rows:,} rows per instance" if min_ensemble_instance_rows else "rule off"
+        return "multi_instance", (
+            f"{ensemble}: about the time of one in-memory model, expected within 0.5% of its holdout logloss "
+            f"({rule}); one external-memory model would take {slower}"
+        )
+    if external_fits:
+        return "external_memory", (
+            f"{ensemble} would each hold fewer than {min_ensemble_instance_rows:,} rows, where an ensemble was measured "
+            f"to lose more than 0.5% holdout logloss; one external-memory model of all rows instead ({slower})"
+        )
+    return "multi_instance", (
+        f"{ensemble}, fewer than {min_ensemble_instance_rows:,} rows each (expect more than 0.5% holdout logloss lost "
+        "against one model), because external memory does not fit the budget either"
     )
 
 

@@ -124,3 +124,47 @@ def test_external_memory_pages_use_half_the_room_left_and_the_peak_counts_them()
     assert with_page <= usable and with_page - without_page == pytest.approx((usable - without_page) / 2, rel=0.01)
     # No room at all: one reader batch per page.
     assert plan.external_memory_page_rows(50_000_000) == plan.batch_rows
+
+
+# --- ensemble or external memory -------------------------------------------------------------
+
+
+def test_an_ensemble_of_large_instances_is_chosen_over_slower_external_memory():
+    from memopt_pipeline.core.memory.planner import choose_strategy
+
+    strategy, why = choose_strategy(dataset_rows=4_000_000, max_rows=1_100_000, external_fits=True,
+                                    min_ensemble_instance_rows=500_000)
+    assert strategy == "multi_instance"
+    assert "4 in-memory instances of about 1,000,000 rows" in why and "external-memory model would take" in why
+
+
+def test_instances_too_small_for_the_quality_rule_give_way_to_external_memory_when_it_fits():
+    from memopt_pipeline.core.memory.planner import choose_strategy
+
+    strategy, why = choose_strategy(dataset_rows=4_000_000, max_rows=300_000, external_fits=True,
+                                    min_ensemble_instance_rows=500_000)
+    assert strategy == "external_memory"
+    assert "14 in-memory instances" in why and "fewer than 500,000 rows" in why and "0.5%" in why
+    # External memory does not fit: the ensemble, with the expected loss said.
+    strategy, why = choose_strategy(dataset_rows=4_000_000, max_rows=300_000, external_fits=False,
+                                    min_ensemble_instance_rows=500_000)
+    assert strategy == "multi_instance" and "does not fit the budget either" in why
+    # The rule turned off: always the ensemble when its instances fit.
+    assert choose_strategy(dataset_rows=4_000_000, max_rows=300_000, external_fits=True,
+                           min_ensemble_instance_rows=0)[0] == "multi_instance"
+
+
+def test_the_plan_records_its_choice_and_follows_the_quality_rule():
+    # 1 GiB: instances of about 330k rows for 2M rows x 300 features.
+    ensemble = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, min_ensemble_instance_rows=100_000, **SHAPE)
+    assert ensemble.strategy == "multi_instance" and ensemble.max_rows_per_instance > 100_000
+    assert ensemble.choice.startswith(f"{ensemble.min_instances_full_data} in-memory instances")
+    external = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, min_ensemble_instance_rows=1_000_000, **SHAPE)
+    assert external.strategy == "external_memory"
+    assert external.instances_needed(1_600_000, overlap=0.1) == 1  # one model of all training rows
+    assert external.external_memory_training_peak(2_000_000) <= external.budget_bytes * external.safety
+    assert "external-memory model of all rows instead" in external.choice
+    # A plan stored before the choice was recorded still loads.
+    payload = ensemble.to_dict()
+    del payload["choice"]
+    assert type(ensemble).from_dict(payload).choice == ""
