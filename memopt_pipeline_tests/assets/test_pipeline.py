@@ -50,6 +50,14 @@ def test_every_asset_and_partition_materialized(pipeline_run):
     assert {k for k in collected if not k.startswith("check ")} == expected
 
 
+def test_the_plan_says_which_strategy_it_chose_and_why(pipeline_run):
+    collected, _ = pipeline_run
+    plan = collected["memory_plan"]
+    # The tiny dataset fits one in-memory model at the default budget; two instances were asked for.
+    assert plan["strategy"] == "in_memory"
+    assert re.fullmatch(r"all [\d,]+ rows fit one in-memory model", plan["strategy_choice"])
+
+
 def test_heavy_stages_record_memory_metadata(pipeline_run):
     collected, _ = pipeline_run
     for stage in HEAVY_STAGES:
