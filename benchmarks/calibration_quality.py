@@ -32,16 +32,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from in_memory_data import frame_to_arrays, predict, scan_and_split  # noqa: E402
+
 METHODS = ("platt", "isotonic")
 OBJECTIVES = ("softmax", "ovr")
-HOLDOUT_FRACTION, SPLIT_SEED, FOLD_SEED, INSTANCE_SEED, OVERLAP = 0.2, 0, 0, 0, 0.1
-PREDICT_CHUNK_ROWS = 200_000
+FOLD_SEED, INSTANCE_SEED, OVERLAP = 0, 0, 0.1
 
 
 # --- the calibration code before the fix (commit e7ceb03^, core/train/calibration.py) -------
@@ -106,16 +107,10 @@ def load(data: Path, n_instances: int, n_folds: int):
     """Every row in memory: float32 features, class indices, gene ids; plus the split, instances and folds."""
     import polars as pl
 
-    from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
     from memopt_pipeline.core.data.folds import assign_instances, gene_folds
-    from memopt_pipeline.core.data.sampling import split_genes
     from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN
 
-    with tempfile.TemporaryDirectory() as scratch:
-        metadata = scan_dataset(list_shards(data), gene_column=GENE_COLUMN, label_column=LABEL_COLUMN,
-                                gene_stats_path=Path(scratch) / "gene_stats.parquet")
-        stats = metadata.read_gene_stats()
-    split = split_genes(stats, holdout_fraction=HOLDOUT_FRACTION, seed=SPLIT_SEED)
+    metadata, stats, split = scan_and_split(data)
     train_stats = stats.filter(pl.col("gene").is_in(split.train_genes))
     instances = assign_instances(train_stats, n_instances=n_instances, overlap=OVERLAP, seed=INSTANCE_SEED)
     folds = [gene_folds(train_stats.filter(pl.col("gene").is_in(genes)), n_folds=n_folds, seed=FOLD_SEED)
@@ -123,11 +118,7 @@ def load(data: Path, n_instances: int, n_folds: int):
 
     frame = pl.read_parquet([s.path for s in metadata.shards],
                             columns=[GENE_COLUMN, LABEL_COLUMN, *metadata.features])
-    gene_index = {gene: i for i, gene in enumerate(sorted(stats["gene"].to_list()))}
-    genes = frame[GENE_COLUMN].cast(pl.Utf8).replace_strict(gene_index, return_dtype=pl.Int32).to_numpy()
-    labels = frame[LABEL_COLUMN].replace_strict({c: i for i, c in enumerate(metadata.classes)},
-                                                return_dtype=pl.Int32).to_numpy()
-    features = frame.select(pl.col(metadata.features).cast(pl.Float32)).to_numpy(order="c")
+    features, labels, genes, gene_index = frame_to_arrays(frame, metadata, stats)
     del frame
 
     def ids(names) -> np.ndarray:
@@ -141,15 +132,6 @@ def load(data: Path, n_instances: int, n_folds: int):
                   for fold_of_gene in folds],
     }
     return features, labels, genes, metadata, plan
-
-
-def predict(booster, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The model's probabilities (raw per-class sigmoids for one-vs-rest), in chunks: no full copy."""
-    out = np.empty((len(rows), booster.num_model_per_iteration()), dtype=np.float64)
-    for start in range(0, len(rows), PREDICT_CHUNK_ROWS):
-        chunk = rows[start:start + PREDICT_CHUNK_ROWS]
-        out[start:start + len(chunk)] = booster.predict(features[chunk])
-    return out
 
 
 def train_members(objective: str, features, labels, genes, plan, n_classes: int, args):

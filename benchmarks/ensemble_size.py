@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-HOLDOUT_FRACTION, SPLIT_SEED, SUBSET_SEED, FOLD_SEED, INSTANCE_SEED, OVERLAP = 0.2, 0, 1, 0, 0, 0.1
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from in_memory_data import frame_to_arrays, predict, scan_and_split  # noqa: E402
+from train_memory import site_pr_auc  # noqa: E402
+
+SUBSET_SEED, FOLD_SEED, INSTANCE_SEED, OVERLAP = 1, 0, 0, 0.1
 N_FOLDS, EARLY_STOPPING_ROUNDS = 3, 20
-PREDICT_CHUNK_ROWS = 200_000
 LOSS_LIMIT = 0.005  # the quality rule: an ensemble may cost at most 0.5% holdout logloss
 
 
@@ -71,15 +73,9 @@ def load(data: Path, train_rows: int, holdout_rows: int):
     """The chosen genes' rows in memory: float32 features, class indices, gene ids; and the gene stats."""
     import polars as pl
 
-    from memopt_pipeline.core.data.dataset import list_shards, scan_dataset
-    from memopt_pipeline.core.data.sampling import split_genes
     from memopt_pipeline.core.data.synthetic import GENE_COLUMN, LABEL_COLUMN
 
-    with tempfile.TemporaryDirectory() as scratch:
-        metadata = scan_dataset(list_shards(data), gene_column=GENE_COLUMN, label_column=LABEL_COLUMN,
-                                gene_stats_path=Path(scratch) / "gene_stats.parquet")
-        stats = metadata.read_gene_stats()
-    split = split_genes(stats, holdout_fraction=HOLDOUT_FRACTION, seed=SPLIT_SEED)
+    metadata, stats, split = scan_and_split(data)
     train_genes = _subset(stats, split.train_genes, train_rows, SUBSET_SEED)
     holdout_genes = _subset(stats, split.holdout_genes, holdout_rows, SUBSET_SEED)
     wanted = train_genes + holdout_genes
@@ -89,23 +85,11 @@ def load(data: Path, train_rows: int, holdout_rows: int):
         .filter(pl.col(GENE_COLUMN).cast(pl.Utf8).is_in(wanted))
         .collect()
     )
-    gene_index = {gene: i for i, gene in enumerate(sorted(stats["gene"].to_list()))}
-    genes = frame[GENE_COLUMN].cast(pl.Utf8).replace_strict(gene_index, return_dtype=pl.Int32).to_numpy()
-    labels = frame[LABEL_COLUMN].replace_strict({c: i for i, c in enumerate(metadata.classes)},
-                                                return_dtype=pl.Int32).to_numpy()
-    features = frame.select(pl.col(metadata.features).cast(pl.Float32)).to_numpy(order="c")
+    features, labels, genes, gene_index = frame_to_arrays(frame, metadata, stats)
     del frame
     ids = {name: np.array(sorted(gene_index[g] for g in names), dtype=np.int32)
            for name, names in (("train", train_genes), ("holdout", holdout_genes))}
     return features, labels, genes, metadata, stats.filter(pl.col("gene").is_in(train_genes)), ids, gene_index
-
-
-def predict(booster, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    out = np.empty((len(rows), booster.num_model_per_iteration()), dtype=np.float64)
-    for start in range(0, len(rows), PREDICT_CHUNK_ROWS):
-        chunk = rows[start:start + PREDICT_CHUNK_ROWS]
-        out[start:start + len(chunk)] = booster.predict(features[chunk])
-    return out
 
 
 def ensemble(k: int, features, labels, genes, train_stats, gene_index, holdout_rows, n_classes: int, args) -> dict:
@@ -147,9 +131,7 @@ def score(labels: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
     from memopt_pipeline.core.evaluate.metrics import multiclass_metrics
 
     metrics = multiclass_metrics(labels, proba, classes)
-    majority = max(metrics["per_class"], key=lambda name: metrics["per_class"][name]["prevalence"])
-    sites = [entry["pr_auc"] for name, entry in metrics["per_class"].items() if name != majority]
-    return {"logloss": metrics["logloss"], "pr_auc": float(np.mean(sites))}
+    return {"logloss": metrics["logloss"], "pr_auc": site_pr_auc(metrics["per_class"])}
 
 
 def main(argv=None) -> int:

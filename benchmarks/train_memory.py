@@ -310,16 +310,18 @@ def site_pr_auc(per_class: dict) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def latest_asset_value(assets: Path, name: str, partition: str | None = None):
-    """The newest value of an asset in a pipeline's output folder.
+def read_pipeline_values(output: Path, stages: list[tuple[str, str | None]]) -> list:
+    """The latest value of each (asset, partition) of a `memopt run --output OUTPUT`, read from the
+    experiment's own Dagster instance as the pipeline itself reads its inputs."""
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
 
-    The JSON IO manager writes one file per materialization, ``assets/<asset>/[<partition>/]<run_id>.json``;
-    in the benchmark's throw-away Dagster instance the newest file is the latest materialization."""
-    folder = assets / name / partition if partition else assets / name
-    files = sorted(folder.glob("*.json"), key=lambda path: path.stat().st_mtime)
-    if not files:
-        raise OSError(f"no value file under {folder}")
-    return json.loads(files[-1].read_text())
+    from memopt_pipeline.automation.experiment import INSTANCE_FOLDER
+    from memopt_pipeline.resources.io_manager import load_latest_value
+
+    # The child ran without DAGSTER_HOME, so its instance is the output folder's, whatever ours says.
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(output / INSTANCE_FOLDER))) as instance:
+        return [load_latest_value(instance, dg.AssetKey(asset), partition) for asset, partition in stages]
 
 
 def run_baseline(approach: str, spec: dict, run_dir: Path, args: argparse.Namespace) -> dict:
@@ -350,12 +352,9 @@ def run_baseline(approach: str, spec: dict, run_dir: Path, args: argparse.Namesp
 
 
 def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace, instances: int = 0) -> dict:
-    """`memopt run` as one child, in a throw-away Dagster instance; results read from its asset files."""
+    """`memopt run` as one child, in its own experiment instance; results read through that instance."""
     name = f"pipeline[{instances}]" if instances else "pipeline"
     output = run_dir / f"{name.replace('[', '_').replace(']', '')}_output"
-    dagster_home = Path(tempfile.mkdtemp(prefix="memopt_bench_dagster_"))
-    # A fresh instance: no runs or partitions of earlier runs; telemetry off as in ./dagster.yaml.
-    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     command = [
         sys.executable, "-u", "-m", "memopt_pipeline.cli", "run",
         "--data", spec["data"], "--budget-gb", str(args.budget_gb), "--output", str(output),
@@ -364,29 +363,28 @@ def run_pipeline(spec: dict, run_dir: Path, args: argparse.Namespace, instances:
         "--holdout-fraction", str(HOLDOUT_FRACTION), "--sample-genes", str(SAMPLE_GENES),
         "--instances", str(instances), *args.pipeline_args.split(),
     ]
-    try:
-        row = {"approach": name, **run_child(
-            command, run_dir / f"{name}.log", env=child_env(args.threads, DAGSTER_HOME=str(dagster_home)),
-            prefix=f"  [{name}] ", echo=not args.quiet,
-        )}
-    finally:
-        shutil.rmtree(dagster_home, ignore_errors=True)
+    # Without DAGSTER_HOME `memopt run` keeps a fresh Dagster instance in the (new) output folder:
+    # no runs or partitions of earlier runs.
+    env = {k: v for k, v in child_env(args.threads).items() if k != "DAGSTER_HOME"}
+    row = {"approach": name, **run_child(command, run_dir / f"{name}.log", env=env, prefix=f"  [{name}] ",
+                                         echo=not args.quiet)}
     if row["failure"]:
         return row
-    assets = output / "assets"
+    import dagster as dg
+
     try:
-        evaluation = latest_asset_value(assets, "holdout_evaluation")
-        split = latest_asset_value(assets, "gene_split")
-        instances = latest_asset_value(assets, "instance_assignment")["instances"]
-        plan = latest_asset_value(assets, "memory_plan")
-    except (OSError, KeyError, ValueError) as error:
+        evaluation, split, assignment, plan = read_pipeline_values(
+            output, [("holdout_evaluation", None), ("gene_split", None), ("instance_assignment", None),
+                     ("memory_plan", None)])
+        instances = assignment["instances"]
+    except (OSError, KeyError, ValueError, dg.Failure) as error:
         row["failure"] = f"finished but its results are unreadable: {error}"
         return row
     if sorted(split["holdout_genes"]) != sorted(spec["holdout_genes"]):
         print("WARNING: the pipeline's holdout genes differ from the baselines' - its logloss is not comparable", flush=True)
         row["warning"] = "holdout genes differ from the baselines'"
     if len(instances) == 1:
-        folds = latest_asset_value(assets, "cv_folds", "instance_0")["fold_of_gene"]
+        folds = read_pipeline_values(output, [("cv_folds", "instance_0")])[0]["fold_of_gene"]
         if any(sorted(g for g, f in folds.items() if f == k) != genes for k, genes in enumerate(spec["folds"])):
             print("WARNING: the pipeline's folds differ from naive_lightgbm's - the early-stopping rule is not the same",
                   flush=True)
