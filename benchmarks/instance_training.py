@@ -16,7 +16,7 @@ Approaches, each in its own child process, one after the other:
   (LightGBM's own layout test, its own bin sample), predictions in memory;
 - ``streamed``: ``core.train.lightgbm_backend.train_instance``, what ``instance_model`` runs,
   with the layout the plan picks at ``--budget-gb`` (``--layout`` overrides it: ``cut``,
-  ``cut_row_wise``, ``stream``);
+  ``cut_row_wise``, ``stream``, ``stream_row_wise``);
 - ``reader``: one full-feature pass of ``BatchReader`` over the training genes, rows/s.
 
 Printed: wall time (the criterion: the whole child, load or streaming included), peak RSS (the kernel's ``ru_maxrss`` of the child, from ``os.wait4``),
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=60, help="rounds per fold and for the refit (default 60)")
     parser.add_argument("--folds", type=int, default=3, help="gene folds (default 3)")
     parser.add_argument("--budget-gb", type=float, default=8.0, help="budget the plan picks the layout for (default 8)")
-    parser.add_argument("--layout", choices=("plan", "cut", "cut_row_wise", "stream"), default="plan")
+    parser.add_argument("--layout", choices=("plan", "cut", "cut_row_wise", "stream", "stream_row_wise"), default="plan")
     parser.add_argument("--approaches", default=",".join(APPROACHES), help=f"comma list of {', '.join(APPROACHES)}")
     parser.add_argument("--threads", type=int, default=0, help="threads (default 0: the CPUs this process may use)")
     parser.add_argument("--out-dir", default=None, help="folder for logs and predictions (default: a temporary one)")
@@ -118,10 +118,21 @@ def child_naive(spec: dict) -> dict:
             "note": f"load {load_s:.1f} s"}
 
 
+def _log_with_peak(message: str) -> None:
+    """A progress line with the process's peak RSS so far: which step set the peak."""
+    import resource
+
+    from memopt_pipeline.core.memory.measure import process_rss_bytes
+
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+    print(f"{message} [RSS {process_rss_bytes() / 2**30:.2f} GiB, peak so far {peak_gib:.2f} GiB]", flush=True)
+
+
 def child_streamed(spec: dict) -> dict:
     from memopt_pipeline.core.data.batch_reader import BatchReader
     from memopt_pipeline.core.memory.measure import process_rss_bytes
     from memopt_pipeline.core.memory.planner import make_plan
+    from memopt_pipeline.core.memory.release import release_memory
     from memopt_pipeline.core.train.instance import predict_genes
     from memopt_pipeline.core.train.lightgbm_backend import train_instance
     from memopt_pipeline.core.units import GiB
@@ -138,12 +149,12 @@ def child_streamed(spec: dict) -> dict:
     if "cut_folds" in inspect.signature(train_instance).parameters:  # older code streams every fold
         layout = plan.lightgbm_layout(rows)
         chosen = {"plan": (layout.cut_folds, layout.row_wise), "cut": (True, False), "cut_row_wise": (True, True),
-                  "stream": (False, False)}[spec["layout"]]
+                  "stream": (False, False), "stream_row_wise": (False, True)}[spec["layout"]]
         options = {"cut_folds": chosen[0], "row_wise": chosen[1]}
     started = time.monotonic()
     training = train_instance(
         reader, fold_of_gene, params=_params(spec), batch_rows=plan.batch_rows, bin_sample_rows=plan.bin_sample_rows,
-        log=lambda message: print(message, flush=True), **options,
+        log=_log_with_peak, release=release_memory, **options,
     )
     train_s = time.monotonic() - started
     decodes = reader.stats.rows_read / rows

@@ -199,7 +199,8 @@ def prepare_spec(data: Path, run_dir: Path, args: argparse.Namespace) -> dict:
         "folds": folds,  # naive_lightgbm: every fold stops early once (the pipeline's rule)
         "max_rounds": args.max_rounds,
         "threads": args.threads,
-        "extmem_batch_rows": args.extmem_batch_rows,
+        # Only train_memory.py has external-memory baselines; the other benchmarks share this spec.
+        "extmem_batch_rows": getattr(args, "extmem_batch_rows", None),
         "missing_features": sorted({f for s in metadata.shards for f in s.missing_features}),
     }
     (run_dir / "spec.json").write_text(json.dumps(spec))

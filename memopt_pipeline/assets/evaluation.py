@@ -149,7 +149,7 @@ def holdout_evaluation(
             "calibration_curve": dg.MetadataValue.md(calibration_markdown),
             **MemoryGuard.metadata(
                 monitor,
-                predicted_peak_bytes=plan.predicted_peak_prediction,
+                predicted_peak_bytes=plan.holdout_peak(metrics["rows"], model_bytes=ensemble.resident_bytes),
                 timeline_path=metrics["plots"]["memory_timeline"],
             ),
         },

@@ -8,7 +8,8 @@ from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
 from memopt_pipeline.core.memory.gpu import gpu_status
 from memopt_pipeline.core.memory.measure import process_rss_bytes
-from memopt_pipeline.core.memory.planner import MIN_ENSEMBLE_INSTANCE_ROWS, check_free_disk, make_plan
+from memopt_pipeline.core.memory.planner import check_free_disk, make_plan
+from memopt_pipeline.core.memory.strategy import MIN_ENSEMBLE_INSTANCE_ROWS
 from memopt_pipeline.core.units import GiB
 from memopt_pipeline.resources import ArtifactStore, MemoryGuard
 
@@ -27,7 +28,7 @@ class PlanConfig(dg.Config):
     )
 
 
-@dg.asset(code_version="1", group_name="planning")
+@dg.asset(code_version="2", group_name="planning")
 def memory_plan(
     context: dg.AssetExecutionContext,
     config: PlanConfig,
@@ -56,7 +57,7 @@ def memory_plan(
     free_disk = check_free_disk(artifacts.root(), plan.disk_needed_bytes)
     context.log.info(
         f"plan: budget {budget / GiB:.2f} GiB, baseline {baseline / GiB:.2f} GiB, up to "
-        f"{plan.max_rows_per_instance:,} rows per instance ({plan.strategy}); all {metadata.n_rows:,} rows in one "
+        f"{plan.max_rows_per_instance:,} rows per instance ({plan.strategy}; sized for {plan.instance_layout}); all {metadata.n_rows:,} rows in one "
         f"model would need {plan.predicted_peak_full_data / GiB:.2f} GiB. Strategy {plan.strategy}: {plan.choice}"
     )
     return versioned_output(
@@ -70,6 +71,7 @@ def memory_plan(
             "strategy": plan.strategy,
             "strategy_choice": plan.choice,
             "max_rows_per_instance": plan.max_rows_per_instance,
+            "instance_layout": plan.instance_layout,
             "min_instances_full_data": plan.min_instances_full_data,
             "batch_rows": plan.batch_rows,
             "max_bin": plan.max_bin,

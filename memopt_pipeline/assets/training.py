@@ -11,6 +11,7 @@ from memopt_pipeline.assets.memory_heavy import MEMORY_POOL, MEMORY_RETRY_POLICY
 from memopt_pipeline.assets.partitions import instance_partitions
 from memopt_pipeline.assets.versioning import versioned_output
 from memopt_pipeline.core.data.dataset import DatasetMetadata
+from memopt_pipeline.core.data.folds import largest_training_share
 from memopt_pipeline.core.evaluate.ensemble import validation_weights
 from memopt_pipeline.core.memory.ladder import settings_for
 from memopt_pipeline.core.memory.planner import LightGBMLayout, MemoryPlan, external_memory_bin_sample_rows
@@ -196,7 +197,8 @@ def instance_model(
             model_path = partition_dir / "model.ubj"
             save_xgboost_model(training.booster, model_path)
         else:
-            layout = _lightgbm_layout(plan, instance_rows, settings.level)
+            train_share = largest_training_share(fold_of_gene, reader.count_rows, validation_folds)
+            layout = _lightgbm_layout(plan, instance_rows, settings.level, train_share)
             context.log.info(f"instance_model: {layout.describe()} (predicted peak {layout.predicted_peak / GiB:.2f} GiB)")
             training = train_instance(
                 reader,
@@ -292,11 +294,11 @@ def _predicted_peak(plan: MemoryPlan, rows: int, layout: LightGBMLayout | None, 
     return plan.training_peak(rows)
 
 
-def _lightgbm_layout(plan: MemoryPlan, rows: int, ladder_level: int) -> LightGBMLayout:
+def _lightgbm_layout(plan: MemoryPlan, rows: int, ladder_level: int, train_share: float) -> LightGBMLayout:
     """The plan's choice by headroom; after running out of memory, the layout that needs least."""
     if ladder_level > 0:
-        return LightGBMLayout.conservative(plan.training_peak(rows))
-    return plan.lightgbm_layout(rows)
+        return LightGBMLayout.conservative(plan.training_peak(rows, train_share=train_share))
+    return plan.lightgbm_layout(rows, train_share=train_share)
 
 
 def _calibrate(context: dg.AssetExecutionContext, training, method: str) -> tuple[dict, dict]:

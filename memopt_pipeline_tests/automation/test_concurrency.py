@@ -55,7 +55,7 @@ def test_the_limit_is_the_budget_over_the_largest_predicted_peak():
     plan = make_plan(dataset_rows=2_000_000, n_features=300, n_classes=3, budget_bytes=8 * GiB, baseline_bytes=GiB // 4)
     rows = {"instance_0": plan.max_rows_per_instance // 4, "instance_1": plan.max_rows_per_instance // 3}
     concurrency = instance_concurrency(plan, rows)
-    assert concurrency.max_peak == plan.training_peak(plan.max_rows_per_instance // 3)
+    assert concurrency.max_peak == plan.lightgbm_layout(plan.max_rows_per_instance // 3).predicted_peak
     assert concurrency.limit == plan.budget_bytes // concurrency.max_peak >= 2
     assert concurrency.worst_case_bytes <= plan.budget_bytes
     # An instance the plan sized to fill the budget runs alone.

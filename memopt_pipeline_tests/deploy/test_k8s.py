@@ -84,7 +84,7 @@ def test_instance_pods_request_the_predicted_peak_plus_the_margin(materialized_p
         step_config = run_config["execution"]["config"]["per_step_k8s_config"]["instance_model"]
         resources = step_config["container_config"]["resources"]
         request, limit = int(resources["requests"]["memory"]), int(resources["limits"]["memory"])
-        assert request == math.ceil(plan.training_peak(instance_rows) * 1.25)
+        assert request == math.ceil(plan.lightgbm_layout(instance_rows).predicted_peak * 1.25)
         assert limit == max(math.ceil(request * 1.25), request + CONTAINER_LIMIT_MIN_HEADROOM_BYTES)
         # The guard's budget is the request: its clean stop and hard cap fire below the limit.
         assert run_config["resources"]["memory_guard"]["config"]["budget_gb"] * GiB == pytest.approx(request)

@@ -41,8 +41,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
 
 def expected_memory(plan: MemoryPlan, rows: int) -> tuple[int, int]:
     """(request, limit) of an instance pod, from the plan's predicted peak and the documented rule."""
-    assert plan.strategy != "external_memory"  # training_peak is then the instance's predicted peak
-    request = math.ceil(plan.training_peak(rows) * (1 + MARGIN))
+    assert plan.strategy != "external_memory"  # the LightGBM layout's peak is then the instance's predicted peak
+    request = math.ceil(plan.lightgbm_layout(rows).predicted_peak * (1 + MARGIN))
     return request, max(math.ceil(request * (1 + MARGIN)), request + 512 * MiB)
 
 

@@ -7,6 +7,7 @@ no gene is ever split between folds or instances and the work is O(genes), not O
 from __future__ import annotations
 
 import math
+from typing import Callable, Collection
 
 import numpy as np
 import polars as pl
@@ -127,3 +128,19 @@ def fold_class_counts(gene_stats: pl.DataFrame, assignment: dict[str, int]) -> p
         .agg(pl.col("rows").sum(), *[pl.col(c).sum() for c in count_columns])
         .sort("fold")
     )
+
+
+def largest_training_share(
+    fold_of_gene: dict[str, int], rows_of: Callable[[Collection[str]], int], validation_folds: Collection[int] | None = None
+) -> float:
+    """The largest share of an instance's rows one validation fold trains on (all rows but the
+    fold's): what the fold phase holds binned beside the validation rows. ``rows_of`` counts
+    the rows of genes (``BatchReader.count_rows``); ``validation_folds`` None: every fold."""
+    genes_of_fold: dict[int, list[str]] = {}
+    for gene, fold in fold_of_gene.items():
+        genes_of_fold.setdefault(fold, []).append(gene)
+    total = rows_of(fold_of_gene)
+    folds = genes_of_fold if validation_folds is None else [f for f in validation_folds if f in genes_of_fold]
+    if total <= 0 or not folds:
+        return 1.0
+    return max(1.0 - rows_of(genes_of_fold[fold]) / total for fold in folds)

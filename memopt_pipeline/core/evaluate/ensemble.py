@@ -126,7 +126,8 @@ class Ensemble:
         if np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"ensemble weights must be non-negative and not all zero, got {weights.tolist()}")
         self.weights = weights / weights.sum()
-        self.model_bytes = sum(Path(m.model_path).stat().st_size for m in self.members)
+        self._file_bytes = [Path(m.model_path).stat().st_size for m in self.members]
+        self.model_bytes = sum(self._file_bytes)
         self.one_at_a_time = (
             max_resident_bytes is not None and self.model_bytes * MODEL_MEMORY_FACTOR > max_resident_bytes
         )
@@ -137,6 +138,13 @@ class Ensemble:
         self.n_classes = first.predict_raw(np.zeros((1, len(self.feature_names)), dtype=np.float32)).shape[-1]
         self.models = None if self.one_at_a_time else [first, *(self._load(m) for m in self.members[1:])]
         del first
+
+    @property
+    def resident_bytes(self) -> int:
+        """Expected memory of the models held at once: all of them, or the largest one when they
+        are loaded one at a time."""
+        held = max(self._file_bytes) if self.one_at_a_time else self.model_bytes
+        return int(held * MODEL_MEMORY_FACTOR)
 
     def _load(self, member: EnsembleMember):
         model = load_model(member.model_path)

@@ -17,6 +17,7 @@ from typing import Callable, Collection
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from memopt_pipeline.core.data.batch_reader import BatchReader
 from memopt_pipeline.core.evaluate.ensemble import Ensemble
@@ -53,6 +54,12 @@ def _member_outer_probabilities(
     return calibrated, uncalibrated
 
 
+def _concatenate_and_clear(parts: list[np.ndarray]) -> np.ndarray:
+    joined = np.concatenate(parts)
+    parts.clear()
+    return joined
+
+
 def evaluate_holdout(
     ensemble: Ensemble,
     reader: BatchReader,
@@ -73,6 +80,7 @@ def evaluate_holdout(
     uncalibrated_parts: list[np.ndarray] = []
     gene_parts: list[np.ndarray] = []
     probability_columns = _probability_columns(metadata.classes)
+    gene_values = pa.array(sorted({str(g) for g in genes}), type=pa.string())
     writer: IncrementalParquetWriter | None = None
     started = time.monotonic()
     precomputed = _member_outer_probabilities(ensemble, reader, genes, batch_rows) if ensemble.one_at_a_time else None
@@ -95,7 +103,10 @@ def evaluate_holdout(
                 writer = IncrementalParquetWriter(predictions_path, table.schema)
             writer.write(table)
             labels_parts.append(batch.labels)
-            gene_parts.append(batch.ids.column(metadata.gene_column).to_numpy(zero_copy_only=False))
+            # The gene of each row as an int32 index into the holdout's genes, not a Python string
+            # per row (~60 bytes each): the per-gene spread only groups by it.
+            gene_names = pc.cast(batch.ids.column(metadata.gene_column), pa.string())
+            gene_parts.append(pc.index_in(gene_names, value_set=gene_values).to_numpy(zero_copy_only=False))
             proba_parts.append(proba.astype(np.float32))
             uncalibrated_parts.append(uncalibrated.astype(np.float32))
     except BaseException:
@@ -105,10 +116,12 @@ def evaluate_holdout(
     if writer is None:
         raise ValueError("the holdout genes have no rows; check gene_split")
     writer.close()
-    labels = np.concatenate(labels_parts)
-    proba = np.concatenate(proba_parts)
-    metrics = multiclass_metrics(labels, proba, metadata.classes, genes=np.concatenate(gene_parts), checkpoint=checkpoint)
-    uncalibrated = np.concatenate(uncalibrated_parts)
+    # Each list is dropped once concatenated, so that the rows are held once, not twice.
+    labels, proba, gene_index = (_concatenate_and_clear(parts) for parts in (labels_parts, proba_parts, gene_parts))
+    uncalibrated = _concatenate_and_clear(uncalibrated_parts)
+    precomputed = None
+    metrics = multiclass_metrics(labels, proba, metadata.classes, genes=gene_index, checkpoint=checkpoint)
+    del gene_index
     uncalibrated_metrics = multiclass_metrics(labels, uncalibrated, metadata.classes, checkpoint=checkpoint)
     metrics["uncalibrated_logloss"] = uncalibrated_metrics["logloss"]
     metrics["ece_before_calibration"] = expected_calibration_error(labels, uncalibrated)

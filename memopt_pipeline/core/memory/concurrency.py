@@ -1,8 +1,8 @@
 """How many instance trainings may run at once, and how much memory each one's container needs.
 
 Both follow from the memory plan: every instance's training has a predicted peak
-(:meth:`MemoryPlan.training_peak` of its rows; binned rows on disk for the external-memory
-strategy). On one machine, trainings running side by side must fit the budget together, so
+(:meth:`MemoryPlan.lightgbm_layout` of its rows: the layout instance_model picks; binned rows
+on disk for the external-memory strategy). On one machine, trainings running side by side must fit the budget together, so
 at most ``floor(budget / largest predicted peak)`` of them run at once (at least one: a
 single training is what the plan was sized for). On a cluster each training gets its own
 container, sized from its own predicted peak plus a margin.
@@ -34,7 +34,8 @@ def predicted_instance_peak(plan: MemoryPlan, rows: int) -> int:
     if plan.strategy == "external_memory":
         # The binned rows live on disk: RAM holds per-row state, histograms, one batch and one page.
         return plan.external_memory_training_peak(rows)
-    return plan.training_peak(rows)
+    # What instance_model will hold: the layout it picks by headroom (at least the least-memory one).
+    return plan.lightgbm_layout(rows).predicted_peak
 
 
 @dataclass(frozen=True)

@@ -3,21 +3,27 @@
 The estimate follows LightGBM's real memory layout (see DESIGN.md, "The memory model"):
 
     peak = process baseline
-         + binned training data      rows * features * bytes_per_bin
-         + per-row state             rows * classes * 24  (labels, scores, gradients, hessians)
-         + histogram pool            num_leaves * features * max_bin * 16
-         + max(bin-finding sample, one raw batch)
-           bin sample: sample_rows * features * 16   (float32 rows, their float64 transpose)
-           raw batch:  batch_rows * features * 4 * 3  (Arrow -> numpy conversion overlap, and the
-                                                     next row group the reader decodes ahead)
+         + max(bin-finding sample,                 sample_rows * features * 16  (float32 rows,
+                                                   their float64 transpose; freed before any
+                                                   row is binned, so it never adds to the rest)
+               binned rows                         rows * features * bytes_per_bin, times the
+                                                   copies the LightGBM layout holds (below)
+               + per-row state                     rows * classes * 24  (labels, scores, gradients, hessians)
+               + histogram pool                    num_leaves * features * max_bin * 16
+               + one raw batch)                    batch_rows * features * 4 * 3  (Arrow -> numpy
+                                                   conversion overlap, and the next row group the
+                                                   reader decodes ahead)
 
-Training holds the training and validation folds of one instance at once, i.e. all the
-instance's rows. The planner solves the inequality ``peak <= budget * safety`` for the
-rows one instance may hold; ``instance_assignment`` later divides the sampled training
-genes into as many instances as that requires.
+Binned copies (:func:`binned_copies`): training holds the training and validation folds of
+one instance at once, i.e. all the instance's rows (1 copy); cutting the folds out of the
+instance binned once adds a copy during the folds; LightGBM's row-wise histograms add
+``ROW_WISE_BINNED_COPIES`` copies of the rows being trained on. The planner solves
+``peak <= budget * safety`` for the rows one instance may hold, for the fastest layout that
+keeps instances large enough (:func:`make_plan`); ``instance_assignment`` later divides the
+sampled training genes into as many instances as that requires.
 
 When the rows need several instances, the plan chooses between that ensemble and one XGBoost
-external-memory model of all rows (:func:`choose_strategy`): by predicted time the ensemble
+external-memory model of all rows (:func:`memopt_pipeline.core.memory.strategy.choose_strategy`): by predicted time the ensemble
 always wins (every row is trained once either way, and external memory's rounds are slower),
 so expected quality decides: an ensemble whose instances would hold fewer than
 ``min_ensemble_instance_rows`` rows, where splitting was measured to cost more than 0.5%
@@ -31,6 +37,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from memopt_pipeline.core.memory.strategy import MIN_ENSEMBLE_INSTANCE_ROWS, MIN_INSTANCE_ROWS, choose_strategy
 from memopt_pipeline.core.units import GiB, MiB
 
 PER_ROW_STATE_BYTES_PER_CLASS = 24
@@ -45,15 +52,21 @@ MAX_BATCH_ROWS = 65_536
 # concatenation (float32) and XGBoost's binned page (1 byte per cell up to 256 bins).
 PAGE_BYTES_PER_CELL = 9
 MAX_PAGE_ROWS = 1_048_576
-MIN_INSTANCE_ROWS = 1_000  # below this a model is not worth training: the plan fails instead
-# Below this many rows per instance an ensemble loses more than 0.5% holdout logloss against one
-# model of all rows: on 2.0M training rows x 338 features, k = 2, 4, 8 instances of 1.10M, 551k and
-# 275k rows cost -0.09%, -0.08% and +0.31%, k = 16 of 138k rows +1.24%; the 0.5% line crosses at
-# about 247k rows (benchmarks/ensemble_size.py; table in benchmarks/README.md).
-MIN_ENSEMBLE_INSTANCE_ROWS = 250_000
-# XGBoost external memory's seconds per round against the same model in memory (QuantileDMatrix),
-# with plan-sized pages (benchmarks/external_memory.py: 0.82 s vs 0.50 s on 428k rows x 338).
-EXTERNAL_MEMORY_TIME_FACTOR = 1.65
+# holdout_evaluation keeps each holdout row's label, gene index and two float32 probability
+# vectors (32 bytes) for its metrics, which then work on float64 copies of the probabilities and
+# sort one class's scores at a time (scikit-learn). Calibrated on two runs of the stage
+# (benchmarks/train_memory.py): 424,144 holdout rows at a 1 GiB budget, measured 0.533 GiB against
+# 0.540 predicted with this term; 2.03M holdout rows at 4 GiB, measured 1.02 GiB against 1.07
+# (that run predated the integer gene index, so it held more per row than the stage now does).
+HOLDOUT_BYTES_PER_ROW = 250
+# LightGBM's row-wise histograms keep a row-major copy of the binned training rows and, while
+# LightGBM builds it, a second one: measured +0.14 GiB for 256k training rows and +0.25 GiB for the
+# 384k-row refit (x 338 features, 1 byte per cell) over column-wise (benchmarks/instance_training.py
+# --layout stream vs stream_row_wise, peaks per step logged).
+ROW_WISE_BINNED_COPIES = 2
+# The training share of the rows in the fold phase when the number of folds is not known (the
+# default 3 gene folds).
+DEFAULT_TRAIN_SHARE = 2 / 3
 
 
 class PlanError(ValueError):
@@ -71,14 +84,28 @@ def bytes_per_binned_cell(max_bin: int) -> float:
 @dataclass
 class TrainingFootprint:
     baseline: int
-    binned_data: int
+    binned_data: int  # every binned copy the layout holds at once (binned_copies)
     per_row_state: int
     histograms: int
-    transient: int  # max(bin sample, raw batch)
+    raw_batch: int
+    bin_sample: int  # before any row is binned: never held with the terms above
 
     @property
     def total(self) -> int:
-        return self.baseline + self.binned_data + self.per_row_state + self.histograms + self.transient
+        return self.baseline + max(self.bin_sample, self.binned_data + self.per_row_state + self.histograms + self.raw_batch)
+
+
+def binned_copies(*, cut_folds: bool, row_wise: bool, train_share: float = DEFAULT_TRAIN_SHARE) -> float:
+    """Binned copies of an instance's rows held at the peak of training it with this layout.
+
+    Folds: the fold's training and validation sets (1 copy of the instance), the instance
+    binned once beside them with ``cut_folds`` (+1), the row-wise copy of the training rows
+    (+``ROW_WISE_BINNED_COPIES`` x ``train_share``). Refit: the instance (1), its row-wise
+    copy (+``ROW_WISE_BINNED_COPIES``). The larger of the two phases."""
+    row_wise_copies = ROW_WISE_BINNED_COPIES if row_wise else 0
+    folds = 1 + (1 if cut_folds else 0) + row_wise_copies * train_share
+    refit = 1 + row_wise_copies
+    return max(folds, refit)
 
 
 def training_footprint(
@@ -91,16 +118,20 @@ def training_footprint(
     batch_rows: int,
     bin_sample_rows: int,
     baseline_bytes: int,
+    cut_folds: bool = False,
+    row_wise: bool = False,
+    train_share: float = DEFAULT_TRAIN_SHARE,
 ) -> TrainingFootprint:
-    """Predicted peak of training one model on ``rows`` rows (all folds of one instance)."""
-    bin_sample = min(rows, bin_sample_rows) * n_features * BIN_SAMPLE_BYTES_PER_CELL
-    raw_batch = min(rows, batch_rows) * n_features * 4 * RAW_BATCH_COPIES
+    """Predicted peak of training one model on ``rows`` rows (all folds of one instance) with a
+    LightGBM layout (default: each fold streamed, column-wise histograms: the least memory)."""
+    copies = binned_copies(cut_folds=cut_folds, row_wise=row_wise, train_share=train_share)
     return TrainingFootprint(
         baseline=baseline_bytes,
-        binned_data=math.ceil(rows * n_features * bytes_per_binned_cell(max_bin)),
+        binned_data=math.ceil(rows * n_features * bytes_per_binned_cell(max_bin) * copies),
         per_row_state=rows * n_classes * PER_ROW_STATE_BYTES_PER_CLASS,
         histograms=num_leaves * n_features * max_bin * HISTOGRAM_BYTES_PER_BIN,
-        transient=max(bin_sample, raw_batch),
+        raw_batch=min(rows, batch_rows) * n_features * 4 * RAW_BATCH_COPIES,
+        bin_sample=min(rows, bin_sample_rows) * n_features * BIN_SAMPLE_BYTES_PER_CELL,
     )
 
 
@@ -118,6 +149,14 @@ class LightGBMLayout:
     def describe(self) -> str:
         folds = "folds cut from the instance binned once" if self.cut_folds else "each fold streamed and binned"
         return f"{folds}; {'row' if self.row_wise else 'column'}-wise histograms"
+
+
+# (cut_folds, row_wise), fastest first. One instance of 384,230 rows x 338 features, 3 gene folds +
+# refit, 60 rounds, 2 cores (benchmarks/instance_training.py --layout ...): row-wise with the folds
+# cut 145 s, row-wise streamed 165 s, column-wise streamed 559 s; the same work in memory 132 s.
+# Row-wise histograms are the big win (column-wise rounds on these Datasets were 3.4x slower);
+# cutting the folds saves the per-fold decode and binning.
+LAYOUTS_FASTEST_FIRST = ((True, True), (False, True), (True, False), (False, False))
 
 
 @dataclass
@@ -139,8 +178,12 @@ class MemoryPlan:
     predicted_peak_prediction: int  # streaming prediction with one batch
     disk_needed_bytes: int  # checkpoints: models, predictions, external-memory caches
     choice: str = ""  # why this strategy, with the predicted time and expected quality of the alternatives
+    instance_layout: str = ""  # the LightGBM layout max_rows_per_instance was sized for (LightGBMLayout.describe)
 
-    def training_peak(self, rows: int) -> int:
+    def training_peak(
+        self, rows: int, *, cut_folds: bool = False, row_wise: bool = False, train_share: float = DEFAULT_TRAIN_SHARE
+    ) -> int:
+        """Predicted peak of training ``rows`` rows; by default with the layout needing least memory."""
         return training_footprint(
             rows=rows,
             n_features=self.n_features,
@@ -150,24 +193,22 @@ class MemoryPlan:
             batch_rows=self.batch_rows,
             bin_sample_rows=self.bin_sample_rows,
             baseline_bytes=self.baseline_bytes,
+            cut_folds=cut_folds,
+            row_wise=row_wise,
+            train_share=train_share,
         ).total
 
-    def lightgbm_layout(self, rows: int) -> "LightGBMLayout":
-        """How LightGBM bins and trains ``rows`` rows, by headroom under ``budget * safety``.
-
-        Each choice costs about one more copy of the binned rows: cutting the folds out of the
-        instance binned once keeps the whole instance binned beside each fold's sets (but
-        decodes the rows once instead of once per fold), and row-wise histograms hold a
-        row-major copy of the training rows (measured 1.5x faster per round than column-wise
-        on 2M x 300). Cutting comes first: it removes whole passes over the data."""
-        binned = math.ceil(rows * self.n_features * bytes_per_binned_cell(self.max_bin))
+    def lightgbm_layout(self, rows: int, train_share: float = DEFAULT_TRAIN_SHARE) -> "LightGBMLayout":
+        """How LightGBM bins and trains ``rows`` rows: the fastest layout of
+        ``LAYOUTS_FASTEST_FIRST`` whose predicted peak fits ``budget * safety`` (instances are
+        sized for one, :func:`make_plan`); streamed column-wise when none does.
+        ``train_share``: the largest share of the rows one fold trains on (1 - 1/folds)."""
         usable = self.budget_bytes * self.safety
-        peak = self.training_peak(rows)
-        cut_folds = peak + binned <= usable
-        peak += binned if cut_folds else 0
-        row_wise = peak + binned <= usable
-        peak += binned if row_wise else 0
-        return LightGBMLayout(cut_folds=cut_folds, row_wise=row_wise, predicted_peak=peak)
+        for cut_folds, row_wise in LAYOUTS_FASTEST_FIRST:
+            peak = self.training_peak(rows, cut_folds=cut_folds, row_wise=row_wise, train_share=train_share)
+            if peak <= usable:
+                return LightGBMLayout(cut_folds=cut_folds, row_wise=row_wise, predicted_peak=peak)
+        return LightGBMLayout.conservative(self.training_peak(rows, train_share=train_share))
 
     def external_memory_page_rows(self, rows: int) -> int:
         """Rows per XGBoost external-memory page for an instance of ``rows`` rows: as large as the
@@ -191,6 +232,12 @@ class MemoryPlan:
             num_leaves=self.num_leaves, batch_rows=self.batch_rows, baseline_bytes=self.baseline_bytes,
             page_rows=self.external_memory_page_rows(rows) if page_rows is None else page_rows,
         )  # fmt: skip
+
+    def holdout_peak(self, holdout_rows: int, model_bytes: int = 0) -> int:
+        """Predicted peak of holdout_evaluation: streaming prediction with one batch, the models
+        held (``model_bytes``), and what the stage keeps per holdout row for its metrics
+        (``HOLDOUT_BYTES_PER_ROW``)."""
+        return self.predicted_peak_prediction + model_bytes + holdout_rows * HOLDOUT_BYTES_PER_ROW
 
     def shap_peak(self, chunk_rows: int) -> int:
         """Baseline + one raw chunk + its contributions (rows x classes x (features+1) doubles, and
@@ -279,16 +326,24 @@ def make_plan(
         raise PlanError(f"memory budget must be positive, got {budget_bytes} bytes")
     batch_rows = batch_rows or default_batch_rows(budget_bytes, n_features)
     usable = budget_bytes * safety
-    fixed = training_footprint(
-        rows=0, n_features=n_features, n_classes=n_classes, max_bin=max_bin, num_leaves=num_leaves,
-        batch_rows=batch_rows, bin_sample_rows=bin_sample_rows, baseline_bytes=baseline_bytes,
-    )
-    # The transient term grows with rows until it saturates; use its saturated value so the
-    # solved row count is safe for any instance size.
-    transient = max(bin_sample_rows * n_features * BIN_SAMPLE_BYTES_PER_CELL, batch_rows * n_features * 4 * RAW_BATCH_COPIES)
-    per_row = n_features * bytes_per_binned_cell(max_bin) + n_classes * PER_ROW_STATE_BYTES_PER_CLASS
-    room = usable - fixed.baseline - fixed.histograms - transient
-    max_rows = int(room // per_row) if room > 0 else 0
+    histograms = num_leaves * n_features * max_bin * HISTOGRAM_BYTES_PER_BIN
+    # The batch and sample terms grow with rows until they saturate; their saturated values
+    # keep the solved row count safe for any instance size.
+    raw_batch = batch_rows * n_features * 4 * RAW_BATCH_COPIES
+    bin_sample = bin_sample_rows * n_features * BIN_SAMPLE_BYTES_PER_CELL
+    room = usable - baseline_bytes - histograms - raw_batch if baseline_bytes + bin_sample <= usable else 0
+
+    def max_rows_with(cut_folds: bool, row_wise: bool) -> int:
+        copies = binned_copies(cut_folds=cut_folds, row_wise=row_wise)
+        per_row = n_features * bytes_per_binned_cell(max_bin) * copies + n_classes * PER_ROW_STATE_BYTES_PER_CLASS
+        return int(room // per_row) if room > 0 else 0
+
+    # Instances are sized for the fastest layout that keeps them at least as large as the quality
+    # rule wants (or holds all rows): more, smaller instances train every row once all the same,
+    # while the slower layouts cost up to 3.4x the time (LAYOUTS_FASTEST_FIRST).
+    wanted = min(dataset_rows, max(min_ensemble_instance_rows, MIN_INSTANCE_ROWS))
+    sized_for = next((lay for lay in LAYOUTS_FASTEST_FIRST if max_rows_with(*lay) >= wanted), LAYOUTS_FASTEST_FIRST[-1])
+    max_rows = max_rows_with(*sized_for)
     # XGBoost external memory keeps the binned rows on disk: RAM holds per-row gradients and
     # predictions, the histograms and one raw batch (its bin sample is capped to the batch's
     # bytes: external_memory_bin_sample_rows).
@@ -302,12 +357,14 @@ def make_plan(
     )
     external = strategy == "external_memory"
     if max_rows < MIN_INSTANCE_ROWS and not external:
-        needed = (fixed.baseline + fixed.histograms + transient + MIN_INSTANCE_ROWS * per_row) / safety
+        per_row = n_features * bytes_per_binned_cell(max_bin) + n_classes * PER_ROW_STATE_BYTES_PER_CLASS
+        needed = (baseline_bytes + max(bin_sample, histograms + raw_batch + MIN_INSTANCE_ROWS * per_row)) / safety
         raise PlanError(
             f"a {budget_bytes / GiB:.2f} GiB budget cannot train even {MIN_INSTANCE_ROWS:,} rows x "
-            f"{n_features} features: the process baseline alone is {baseline_bytes / GiB:.2f} GiB and "
-            f"histograms + one batch need {(fixed.histograms + transient) / GiB:.2f} GiB. The smallest "
-            f"budget that works is {needed / GiB:.2f} GiB; raise the budget or lower num_leaves / max_bin / batch_rows"
+            f"{n_features} features: the process baseline alone is {baseline_bytes / GiB:.2f} GiB, "
+            f"histograms + one batch need {(histograms + raw_batch) / GiB:.2f} GiB and the bin-edge sample "
+            f"{bin_sample / GiB:.2f} GiB. The smallest "
+            f"budget that works is {needed / GiB:.2f} GiB; raise the budget or lower num_leaves / max_bin / batch_rows / bin_sample_rows"
         )
     full = training_footprint(
         rows=dataset_rows, n_features=n_features, n_classes=n_classes, max_bin=max_bin, num_leaves=num_leaves,
@@ -336,49 +393,7 @@ def make_plan(
         predicted_peak_prediction=prediction_peak,
         disk_needed_bytes=disk_needed,
         choice=choice,
-    )
-
-
-def choose_strategy(
-    *, dataset_rows: int, max_rows: int, external_fits: bool, min_ensemble_instance_rows: int = MIN_ENSEMBLE_INSTANCE_ROWS
-) -> tuple[str, str]:
-    """(strategy, why) for ``dataset_rows`` rows when one in-memory model may hold ``max_rows``.
-
-    - all rows fit one model: ``in_memory``;
-    - k = ceil(rows / max_rows) instances: the ensemble trains every row once, about the time
-      of one in-memory model, against ``EXTERNAL_MEMORY_TIME_FACTOR`` times that for one
-      external-memory model; so the ensemble, unless its instances would hold fewer than
-      ``min_ensemble_instance_rows`` rows (measured to lose more than 0.5% holdout logloss)
-      and external memory fits (``external_fits``): then ``external_memory``, one model of
-      all rows at the quality of an in-memory one. 0 turns the quality rule off;
-    - no in-memory instance of ``MIN_INSTANCE_ROWS`` rows fits: ``external_memory`` when it fits.
-    The caller raises PlanError when the answer is an instance that does not fit.
-    """
-    slower = f"about {EXTERNAL_MEMORY_TIME_FACTOR:g}x the time per round of an in-memory model"
-    if max_rows >= max(dataset_rows, MIN_INSTANCE_ROWS):
-        return "in_memory", f"all {dataset_rows:,} rows fit one in-memory model"
-    if max_rows < MIN_INSTANCE_ROWS:
-        return ("external_memory" if external_fits else "multi_instance"), (
-            f"no in-memory instance of {MIN_INSTANCE_ROWS:,} rows fits the budget; one external-memory model of all rows "
-            f"({slower})" if external_fits else "neither an in-memory instance nor external memory fits the budget"
-        )
-    k = math.ceil(dataset_rows / max_rows)
-    per_instance = math.ceil(dataset_rows / k)
-    ensemble = f"{k} in-memory instances of about {per_instance:,} rows"
-    if per_instance >= min_ensemble_instance_rows:
-        rule = f"at least {min_ensemble_instance_rows:,} rows per instance" if min_ensemble_instance_rows else "rule off"
-        return "multi_instance", (
-            f"{ensemble}: about the time of one in-memory model, expected within 0.5% of its holdout logloss "
-            f"({rule}); one external-memory model would take {slower}"
-        )
-    if external_fits:
-        return "external_memory", (
-            f"{ensemble} would each hold fewer than {min_ensemble_instance_rows:,} rows, where an ensemble was measured "
-            f"to lose more than 0.5% holdout logloss; one external-memory model of all rows instead ({slower})"
-        )
-    return "multi_instance", (
-        f"{ensemble}, fewer than {min_ensemble_instance_rows:,} rows each (expect more than 0.5% holdout logloss lost "
-        "against one model), because external memory does not fit the budget either"
+        instance_layout=LightGBMLayout(*sized_for, predicted_peak=0).describe(),
     )
 
 

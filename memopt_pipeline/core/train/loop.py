@@ -2,7 +2,8 @@
 
 What a backend is asked to do is :class:`Backend`; :func:`train_two_phases` drives it:
 
-1. ``prepare`` once per instance (bin edges from a sample, a binned copy to cut folds from);
+1. ``prepare`` once per instance (bin edges from a sample, a binned copy to cut folds from)
+   -> ``release()``;
 2. per validation fold: ``fold_matrices`` -> ``fit`` (early stopping, the best number of
    trees) -> ``rows`` -> drop the matrices -> ``free`` -> ``release()`` -> ``predict`` the
    held-out genes with the best number of trees -> :meth:`PhaseOne.record` -> ``release()``;
@@ -102,6 +103,7 @@ def train_two_phases(
     phase = PhaseOne(fold_of_gene, validation_folds, classes, log)
     try:
         backend.prepare(phase.all_genes)
+        release()  # the bin-edge sample's raw rows are gone: return them before any row is binned
         for fold in phase.folds:
             train_genes, valid_genes = phase.split(fold)
             _phase_one_fold(backend, phase, FoldSplit(fold, len(phase.folds), train_genes, valid_genes), release)

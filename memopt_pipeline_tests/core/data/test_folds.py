@@ -78,3 +78,18 @@ def test_fast_split_holds_out_five_percent_of_each_class_by_whole_genes():
 def test_fast_split_needs_enough_genes():
     with pytest.raises(ValueError, match="needs at least 20 genes"):
         fast_validation_split(_stats(12))
+
+
+def test_largest_training_share_is_all_rows_but_the_smallest_validated_fold():
+    from memopt_pipeline.core.data.folds import largest_training_share
+
+    rows = {"a": 50, "b": 30, "c": 20}
+    fold_of_gene = {"a": 0, "b": 1, "c": 2}
+
+    def rows_of(genes):
+        return sum(rows[g] for g in genes)
+
+    # Validating on fold 2 (20 of 100 rows) trains on 80%: the largest training set of the three.
+    assert largest_training_share(fold_of_gene, rows_of) == pytest.approx(0.8)
+    # Only fold 0 validated (fast mode): 50% trains.
+    assert largest_training_share(fold_of_gene, rows_of, validation_folds=[0]) == pytest.approx(0.5)

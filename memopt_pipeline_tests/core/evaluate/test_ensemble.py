@@ -134,3 +134,14 @@ def test_shap_of_mixed_members_explains_their_weighted_mean_margin_and_says_so(m
     booster.load_model(made[1].model_path)
     margins += 0.25 * booster.inplace_predict(features, predict_type="margin")
     np.testing.assert_allclose(ensemble.predict_contributions(features).sum(axis=2), margins, rtol=1e-4, atol=1e-4)
+
+
+def test_resident_bytes_count_every_model_or_only_the_largest_when_loaded_one_at_a_time(members):
+    from pathlib import Path
+
+    made, _ = members
+    sizes = [Path(m.model_path).stat().st_size for m in made]
+    eager, lazy = Ensemble(made), Ensemble(made, max_resident_bytes=1)
+    # Loaded trees take more memory than their files; one at a time, only one model is held.
+    assert eager.resident_bytes > sum(sizes)
+    assert max(sizes) < lazy.resident_bytes < eager.resident_bytes

@@ -54,3 +54,27 @@ def test_a_checkpoint_that_raises_stops_the_evaluation_after_the_predictions(mod
             checkpoint=checkpoint,
         )
     assert (tmp_path / "p.parquet").exists()  # the streamed part finished; the metrics stopped
+
+
+def test_per_gene_spread_matches_the_written_predictions_grouped_by_gene_name(model_and_holdout, tiny_metadata, tmp_path):
+    """Rows are grouped by an integer index of their gene, not its name: the spread must equal
+    one computed independently from the predictions file, by gene name."""
+    import polars as pl
+
+    ensemble, holdout = model_and_holdout
+    metrics = evaluate_holdout(
+        ensemble, BatchReader(tiny_metadata), holdout, batch_rows=500, predictions_path=tmp_path / "p.parquet"
+    )
+    written = pl.read_parquet(tmp_path / "p.parquet")
+    probabilities = written.select([f"p_{c}" for c in tiny_metadata.classes]).to_numpy().astype(np.float64)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    row_loss = -np.log(np.clip(probabilities[np.arange(written.height), written["label"].to_numpy()], 1e-15, 1.0))
+    per_gene = (
+        written.select(tiny_metadata.gene_column).with_columns(loss=pl.Series(row_loss))
+        .group_by(tiny_metadata.gene_column).agg(pl.col("loss").mean())["loss"].to_numpy()
+    )  # fmt: skip
+    spread = metrics["per_gene_logloss"]
+    assert spread["genes"] == len(holdout) == len(per_gene)
+    assert spread["mean"] == pytest.approx(per_gene.mean(), rel=1e-4)
+    assert spread["worst"] == pytest.approx(per_gene.max(), rel=1e-4)
+    assert spread["median"] == pytest.approx(np.median(per_gene), rel=1e-4)

@@ -7,8 +7,14 @@ SHAPE = dict(n_features=300, n_classes=3, baseline_bytes=300 * MiB)
 
 def test_plan_keeps_predicted_training_peak_under_budget_times_safety():
     plan = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, **SHAPE)
-    assert plan.training_peak(plan.max_rows_per_instance) <= plan.budget_bytes * plan.safety
-    assert plan.training_peak(plan.max_rows_per_instance + 100_000) > plan.budget_bytes * plan.safety
+    usable = plan.budget_bytes * plan.safety
+    layout = plan.lightgbm_layout(plan.max_rows_per_instance)
+    # Sized for a layout: that layout fits the largest instance, and 100k more rows would not.
+    assert layout.describe() == plan.instance_layout
+    assert layout.predicted_peak <= usable
+    assert plan.training_peak(
+        plan.max_rows_per_instance + 100_000, cut_folds=layout.cut_folds, row_wise=layout.row_wise
+    ) > usable
 
 
 def test_data_bigger_than_budget_needs_several_instances():
@@ -50,7 +56,29 @@ def test_footprint_matches_the_design_memory_model():
     assert footprint.binned_data == 300_000_000  # one byte per cell at max_bin <= 255
     assert footprint.per_row_state == 1_000_000 * 3 * 24
     assert footprint.histograms == 63 * 300 * 255 * 16
-    assert footprint.transient == 50_000 * 300 * 16  # the bin sample dominates one batch here
+    assert footprint.raw_batch == 10_000 * 300 * 4 * 3
+    assert footprint.bin_sample == 50_000 * 300 * 16
+    # The sample is freed before any row is binned: it is not added to the binned rows.
+    assert footprint.total == 300_000_000 + 1_000_000 * 3 * 24 + 63 * 300 * 255 * 16 + 10_000 * 300 * 4 * 3
+    few = training_footprint(
+        rows=10_000, n_features=300, n_classes=3, max_bin=255, num_leaves=7,
+        batch_rows=1_000, bin_sample_rows=50_000, baseline_bytes=0,
+    )
+    assert few.total == few.bin_sample == 10_000 * 300 * 16  # a small instance: its sample is the peak
+
+
+def test_binned_copies_of_each_layout():
+    from memopt_pipeline.core.memory.planner import binned_copies
+
+    # Streamed folds, column-wise: the fold's training + validation rows, i.e. the instance once.
+    assert binned_copies(cut_folds=False, row_wise=False) == 1
+    # Cut: the instance binned once beside the fold's sets.
+    assert binned_copies(cut_folds=True, row_wise=False) == 2
+    # Row-wise: two copies of the rows trained on; the refit (all rows) is the larger phase.
+    assert binned_copies(cut_folds=False, row_wise=True) == 3
+    # Both, 3 folds: 2 + 2 x 2/3 during the folds beats the refit's 3.
+    assert binned_copies(cut_folds=True, row_wise=True, train_share=2 / 3) == pytest.approx(2 + 4 / 3)
+    assert binned_copies(cut_folds=True, row_wise=True, train_share=0.95) == pytest.approx(3.9)
 
 
 def test_free_disk_check_fails_early_with_the_numbers(tmp_path):
@@ -66,31 +94,52 @@ def test_plan_estimates_disk_and_shap_memory():
 
 
 def test_when_no_in_memory_instance_fits_the_plan_chooses_external_memory():
-    # 0.62 GiB: baseline + bin sample + histograms leave room for < 1,000 binned rows, but
+    # 0.58 GiB: baseline + the bin sample alone exceed budget x safety (no in-memory instance), but
     # external memory needs only per-row state + histograms + one batch.
-    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int(0.62 * GiB), **SHAPE)
+    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int(0.58 * GiB), **SHAPE)
     assert plan.strategy == "external_memory"
     assert plan.instances_needed(1_000_000, overlap=0.1) == 1
     assert plan.max_rows_per_instance == 1_000_000
 
 
-def test_lightgbm_layout_spends_headroom_on_cut_folds_then_row_wise_and_stays_under_budget():
+def test_lightgbm_layout_spends_headroom_on_row_wise_then_cut_folds_and_stays_under_budget():
     plan = make_plan(dataset_rows=2_000_000, n_features=300, n_classes=3, budget_bytes=4 * GiB, baseline_bytes=GiB // 4)
     usable = plan.budget_bytes * plan.safety
-    binned = 300  # bytes per row at max_bin 255
-    full = plan.lightgbm_layout(plan.max_rows_per_instance)  # the instance fills the plan: no room left
-    assert not full.cut_folds and not full.row_wise and full.predicted_peak == plan.training_peak(plan.max_rows_per_instance)
-    small = plan.max_rows_per_instance // 4  # room for two more binned copies
-    both = plan.lightgbm_layout(small)
-    assert both.cut_folds and both.row_wise
-    assert both.predicted_peak == plan.training_peak(small) + 2 * small * binned <= usable
-    # Room for one copy only: folds are cut (fewer passes over the data), histograms stay column-wise.
-    rows = next(
-        r for r in range(plan.max_rows_per_instance, 0, -1_000)
-        if plan.training_peak(r) + r * binned <= usable < plan.training_peak(r) + 2 * r * binned
-    )
+
+    def fits(rows, cut, row):
+        return plan.training_peak(rows, cut_folds=cut, row_wise=row) <= usable
+
+    # Descending row counts, so the first hit is the largest instance with that much headroom.
+    def rows_where(condition):
+        return next(r for r in range(3 * plan.max_rows_per_instance, 0, -1_000) if condition(r))
+
+    both = plan.lightgbm_layout(rows_where(lambda r: fits(r, True, True)))
+    assert both.cut_folds and both.row_wise and both.predicted_peak <= usable
+    # Room for row-wise but not for cutting the folds as well: row-wise (the bigger speed-up).
+    rows = rows_where(lambda r: fits(r, False, True) and not fits(r, True, True))
     one = plan.lightgbm_layout(rows)
-    assert one.cut_folds and not one.row_wise and one.predicted_peak <= usable
+    assert one.row_wise and not one.cut_folds
+    assert one.predicted_peak == plan.training_peak(rows, row_wise=True) <= usable
+    # No room for row-wise: folds cut, column-wise; no room for that either: the least memory.
+    rows = rows_where(lambda r: fits(r, True, False) and not fits(r, False, True))
+    assert plan.lightgbm_layout(rows).cut_folds and not plan.lightgbm_layout(rows).row_wise
+    rows = rows_where(lambda r: not fits(r, True, False))
+    least = plan.lightgbm_layout(rows)
+    assert not least.cut_folds and not least.row_wise and least.predicted_peak == plan.training_peak(rows)
+
+
+def test_instances_are_sized_for_the_fastest_layout_that_keeps_them_large_enough():
+    shape = dict(dataset_rows=2_000_000, n_features=300, n_classes=3, budget_bytes=2 * GiB, baseline_bytes=GiB // 4)
+    plan = make_plan(**shape, min_ensemble_instance_rows=250_000)
+    assert plan.max_rows_per_instance >= 250_000
+    assert plan.instance_layout == "folds cut from the instance binned once; row-wise histograms"
+    layout = plan.lightgbm_layout(plan.max_rows_per_instance)
+    assert layout.cut_folds and layout.row_wise
+    # Demanding instances larger than the fast layouts allow: sized for the least memory, more rows each.
+    big = make_plan(**shape, min_ensemble_instance_rows=1_500_000)
+    assert big.instance_layout.endswith("column-wise histograms")
+    assert big.max_rows_per_instance >= 1_500_000 > plan.max_rows_per_instance
+    assert not big.lightgbm_layout(big.max_rows_per_instance).row_wise
 
 
 def test_external_memory_bin_sample_fits_in_the_raw_batch_the_peak_counts():
@@ -113,7 +162,7 @@ def test_external_memory_bin_sample_fits_in_the_raw_batch_the_peak_counts():
 def test_external_memory_pages_use_half_the_room_left_and_the_peak_counts_them():
     from memopt_pipeline.core.memory.planner import MAX_PAGE_ROWS, PAGE_BYTES_PER_CELL
 
-    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int(0.62 * GiB), **SHAPE)
+    plan = make_plan(dataset_rows=1_000_000, budget_bytes=int(0.58 * GiB), **SHAPE)
     assert plan.strategy == "external_memory"
     usable = plan.budget_bytes * plan.safety
     page_rows = plan.external_memory_page_rows(1_000_000)
@@ -130,7 +179,7 @@ def test_external_memory_pages_use_half_the_room_left_and_the_peak_counts_them()
 
 
 def test_an_ensemble_of_large_instances_is_chosen_over_slower_external_memory():
-    from memopt_pipeline.core.memory.planner import choose_strategy
+    from memopt_pipeline.core.memory.strategy import choose_strategy
 
     strategy, why = choose_strategy(dataset_rows=4_000_000, max_rows=1_100_000, external_fits=True,
                                     min_ensemble_instance_rows=500_000)
@@ -139,7 +188,7 @@ def test_an_ensemble_of_large_instances_is_chosen_over_slower_external_memory():
 
 
 def test_instances_too_small_for_the_quality_rule_give_way_to_external_memory_when_it_fits():
-    from memopt_pipeline.core.memory.planner import choose_strategy
+    from memopt_pipeline.core.memory.strategy import choose_strategy
 
     strategy, why = choose_strategy(dataset_rows=4_000_000, max_rows=300_000, external_fits=True,
                                     min_ensemble_instance_rows=500_000)
@@ -155,11 +204,11 @@ def test_instances_too_small_for_the_quality_rule_give_way_to_external_memory_wh
 
 
 def test_the_plan_records_its_choice_and_follows_the_quality_rule():
-    # 1 GiB: instances of about 330k rows for 2M rows x 300 features.
+    # 1 GiB, 2M rows x 300 features: at most ~1.4M rows per in-memory instance (column-wise).
     ensemble = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, min_ensemble_instance_rows=100_000, **SHAPE)
     assert ensemble.strategy == "multi_instance" and ensemble.max_rows_per_instance > 100_000
     assert ensemble.choice.startswith(f"{ensemble.min_instances_full_data} in-memory instances")
-    external = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, min_ensemble_instance_rows=1_000_000, **SHAPE)
+    external = make_plan(dataset_rows=2_000_000, budget_bytes=1 * GiB, min_ensemble_instance_rows=1_500_000, **SHAPE)
     assert external.strategy == "external_memory"
     assert external.instances_needed(1_600_000, overlap=0.1) == 1  # one model of all training rows
     assert external.external_memory_training_peak(2_000_000) <= external.budget_bytes * external.safety
