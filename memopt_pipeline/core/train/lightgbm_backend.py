@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memopt_pipeline.core.data.batch_reader import BatchReader
+from memopt_pipeline.core.train.calibration import normalise_rows
 from memopt_pipeline.core.train.callbacks import lightgbm_progress_callback
 from memopt_pipeline.core.train.instance import BoostingParams, InstanceTraining, predict_genes
 from memopt_pipeline.core.train.loop import FoldSplit, train_two_phases
@@ -160,6 +161,25 @@ def build_dataset(
     return dataset, (np.concatenate(rows.folds) if fold_of_gene is not None else None)
 
 
+def validation_predictions(booster: lgb.Booster, valid: lgb.Dataset, best: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, row-normalised probabilities) of the validation set with the first ``best``
+    trees, from the scores LightGBM kept for it while training: the held-out rows are not read
+    again. Trees after ``best`` are rolled back first (which updates those scores); the
+    booster is a fold's, thrown away after this. The scores are the binned rows' path through
+    the trees, which is the raw values' path: thresholds are bin edges."""
+    while booster.current_iteration() > best:
+        booster.rollback_one_iter()
+    scores: list[np.ndarray] = []
+
+    def keep(predictions: np.ndarray, _data: lgb.Dataset) -> tuple[str, float, bool]:
+        scores.append(np.array(predictions, dtype=np.float64))
+        return "held_out", 0.0, False
+
+    booster.eval_valid(feval=keep)  # the public way to the validation scores (converted by the objective)
+    proba = scores[0].reshape(valid.num_data(), -1)
+    return valid.get_label().astype(np.int32), normalise_rows(proba).astype(np.float32)
+
+
 class LightGBMBackend:
     """LightGBM's steps of :func:`loop.train_two_phases`.
 
@@ -188,6 +208,7 @@ class LightGBMBackend:
         self._reference: lgb.Dataset | None = None
         self._full_set: lgb.Dataset | None = None  # the instance binned once (cut_folds)
         self._row_folds: np.ndarray | None = None  # the fold of each of its rows
+        self._held_out: tuple[np.ndarray, np.ndarray] | None = None  # the last fit's validation predictions
 
     def _dataset(self, genes: Collection[str], purpose: str, **options) -> tuple[lgb.Dataset, np.ndarray | None]:
         return build_dataset(
@@ -223,6 +244,9 @@ class LightGBMBackend:
             num_boost_round=self.params.max_rounds,
             valid_sets=[valid],
             valid_names=["valid"],
+            # The training booster itself, not a copy reloaded from text: it holds the scores of
+            # the validation rows that validation_predictions reads.
+            keep_training_booster=True,
             callbacks=[
                 lgb.early_stopping(self.params.early_stopping_rounds, verbose=False),
                 lightgbm_progress_callback(self.log, label, self.params.max_rounds),
@@ -231,7 +255,9 @@ class LightGBMBackend:
         )
         # With early stopping LightGBM's best_iteration is the number of trees to keep
         # (1-based); if stopping never triggered it is 0, meaning "all rounds".
-        return booster, booster.best_iteration or booster.current_iteration()
+        best = booster.best_iteration or booster.current_iteration()
+        self._held_out = validation_predictions(booster, valid, best)
+        return booster, best
 
     def rows(self, matrix: lgb.Dataset) -> int:
         return matrix.num_data()
@@ -241,6 +267,9 @@ class LightGBMBackend:
         model.free_dataset()
 
     def predict(self, model: lgb.Booster, genes: list[str], best: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._held_out is not None:  # scored while training: the fold's validation rows are these genes'
+            held_out, self._held_out = self._held_out, None
+            return held_out
         return predict_genes(
             self.reader, genes, lambda x: model.predict(x, num_iteration=best),
             batch_rows=self.batch_rows, purpose=f"{label} out-of-fold prediction",

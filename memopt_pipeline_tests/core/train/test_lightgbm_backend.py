@@ -39,11 +39,44 @@ def test_cut_folds_train_the_same_models_as_streamed_folds_from_one_decode(tiny_
     assert trained[True].booster.model_to_string() == trained[False].booster.model_to_string()
     np.testing.assert_array_equal(trained[True].oof_proba, trained[False].oof_proba)
     rows = readers[True].count_rows(genes)
-    # Cut: the instance is decoded once to bin and once to predict out of fold (plus a sample).
-    assert readers[True].stats.rows_read <= 2 * rows + 2_000 + 300
-    # Streamed: each fold's training and validation rows (one pass), the out-of-fold pass, the refit.
-    assert readers[False].stats.rows_read <= (3 + 1 + 1) * rows + 2_000 + 300
+    # Cut: the instance is decoded once, to bin it (plus a sample); out-of-fold predictions come
+    # from the scores LightGBM kept for each fold's validation rows, not from another read.
+    assert readers[True].stats.rows_read <= rows + 2_000 + 300
+    # Streamed: each fold's training and validation rows (one pass per fold), the refit.
+    assert readers[False].stats.rows_read <= (3 + 1) * rows + 2_000 + 300
     assert readers[False].stats.rows_read > readers[True].stats.rows_read
+
+
+@pytest.mark.parametrize("objective", ["softmax", "ovr"])
+def test_validation_predictions_equal_predicting_the_raw_rows_with_the_best_trees(tiny_metadata, objective):
+    """The held-out rows' probabilities from LightGBM's validation scores, after rolling back the
+    trees early stopping did not keep, are what predicting their raw feature values gives."""
+    import lightgbm as lgb
+
+    from memopt_pipeline.core.train.calibration import normalise_rows
+    from memopt_pipeline.core.train.lightgbm_backend import lightgbm_params, validation_predictions
+
+    genes = tiny_metadata.read_gene_stats()["gene"].to_list()
+    reader = BatchReader(tiny_metadata)
+    (train_x, train_y), (valid_x, valid_y) = (_holdout_matrix(reader, part) for part in (genes[:20], genes[20:30]))
+    params = lightgbm_params(
+        BoostingParams(max_rounds=200, early_stopping_rounds=3, num_threads=1, min_data_in_leaf=5, objective=objective,
+                       learning_rate=0.5),
+        n_classes=3, bin_sample_rows=2_000,
+    )  # fmt: skip
+    train = lgb.Dataset(train_x, train_y, params=params)
+    valid = lgb.Dataset(valid_x, valid_y, reference=train)
+    booster = lgb.train(params, train, num_boost_round=200, valid_sets=[valid], keep_training_booster=True,
+                        callbacks=[lgb.early_stopping(3, verbose=False)])
+    best = booster.best_iteration
+    assert 0 < best < booster.current_iteration()  # stopping triggered: there are trees to roll back
+    expected = normalise_rows(booster.predict(valid_x, num_iteration=best))
+    every_tree = normalise_rows(booster.predict(valid_x, num_iteration=0))  # 0: every tree, not the best
+    # The scores of every tree differ from the best trees': without the roll-back this test fails.
+    assert not np.allclose(every_tree, expected, rtol=1e-5, atol=1e-7)
+    labels, proba = validation_predictions(booster, valid, best)
+    np.testing.assert_array_equal(labels, valid_y)
+    np.testing.assert_allclose(proba, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_row_wise_histograms_train_a_model_as_good(tiny_metadata):
