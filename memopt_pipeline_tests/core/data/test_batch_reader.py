@@ -118,23 +118,39 @@ def test_bin_sample_reads_a_seeded_sample_not_the_whole_instance(tmp_path):
     meta = _many_row_groups(tmp_path, row_group_size=250)
     genes = [f"g{i:03d}" for i in range(0, 200, 2)]  # 5,000 rows
     reader = BatchReader(meta)
-    sample = reader.sample_rows(genes, 1_000, seed=3, spread=2)
+    sample = reader.sample_rows(genes, 1_000, seed=3, spread=4)
     assert sample.shape == (1_000, 5) and sample.dtype == np.float32
-    # 2,000 rows of the genes decoded for 1,000 kept; half of each row group is of other genes:
-    # ~4,000 rows scanned (plus one row group), not all 10,000.
+    # Spread 4: ~4,000 rows scanned (plus one row group), not all 10,000; half of each row
+    # group is of other genes, so 2,000 rows of the genes decoded for 1,000 kept.
     assert reader.stats.rows_scanned <= 4_250
     every_row = np.concatenate([b.features for b in BatchReader(meta).iter_batches(genes, 4096)])
     assert {tuple(r) for r in sample} <= {tuple(r) for r in every_row}  # rows of the requested genes only
-    np.testing.assert_array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=3, spread=2))  # seeded
-    assert not np.array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=4, spread=2))
+    np.testing.assert_array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=3, spread=4))  # seeded
+    assert not np.array_equal(sample, BatchReader(meta).sample_rows(genes, 1_000, seed=4, spread=4))
     # Drawn across the instance, not its first row groups: the sample's rows come from many genes.
     gene_of_first_value = {r[0]: g for r, g in zip(every_row, np.repeat(genes, 50))}
     sampled = sorted(int(gene_of_first_value[r[0]][1:]) for r in sample)
     assert len(set(sampled)) >= 30 and sampled[-1] - sampled[0] > 100  # 16 random row groups of 40
     # Spread: the same sample size from more genes than whole row groups give.
-    narrow = BatchReader(meta).sample_rows(genes, 1_000, seed=3, spread=1)
+    narrow_reader = BatchReader(meta)
+    narrow = narrow_reader.sample_rows(genes, 1_000, seed=3, spread=1)
     assert len({gene_of_first_value[r[0]] for r in narrow}) < len(set(sampled))
+    # Spread 1 still delivers the rows asked for: 1,000 rows of the genes, ~2,000 scanned.
+    assert len(narrow) == 1_000 and narrow_reader.stats.rows_scanned <= 2_250
     assert len(BatchReader(meta).sample_rows(genes, 10_000, seed=0)) == 5_000  # fewer rows than asked: all
+
+
+def test_bin_sample_of_genes_scattered_among_others_decodes_what_it_needs(tmp_path):
+    """An ensemble's instance holds a few genes of every row group: the sample takes every row
+    of them it decodes instead of decoding spread x more rows of them."""
+    meta = _many_row_groups(tmp_path, row_group_size=250)
+    genes = [f"g{i:03d}" for i in range(0, 200, 5)]  # 40 genes, a fifth of each row group: 2,000 rows
+    reader = BatchReader(meta)
+    sample = reader.sample_rows(genes, 500, seed=1, spread=4)
+    assert len(sample) == 500
+    # ~500 rows of the genes from ~2,500 scanned (4 x 500 x a fifth < 500), not 4 x 500 of
+    # them from ~10,000 scanned.
+    assert reader.stats.rows_scanned <= 2_500 + 250
 
 
 def test_bin_sample_of_one_huge_row_group_stops_early(tmp_path):
