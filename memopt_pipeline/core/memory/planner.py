@@ -338,11 +338,21 @@ def make_plan(
         per_row = n_features * bytes_per_binned_cell(max_bin) * copies + n_classes * PER_ROW_STATE_BYTES_PER_CLASS
         return int(room // per_row) if room > 0 else 0
 
-    # Instances are sized for the fastest layout that keeps them at least as large as the quality
-    # rule wants (or holds all rows): more, smaller instances train every row once all the same,
+    def qualifies(cut_folds: bool, row_wise: bool) -> bool:
+        """One instance holds every row, or the instances the rows split into hold at least as
+        many rows as the quality rule wants."""
+        rows = max_rows_with(cut_folds, row_wise)
+        if rows >= dataset_rows:
+            return True
+        if rows < MIN_INSTANCE_ROWS:
+            return False
+        per_instance = math.ceil(dataset_rows / math.ceil(dataset_rows / rows))
+        return per_instance >= max(min_ensemble_instance_rows, MIN_INSTANCE_ROWS)
+
+    # Instances are sized for the fastest layout that keeps them as large as the quality rule
+    # wants (or holds all rows): more, smaller instances train every row once all the same,
     # while the slower layouts cost up to 3.4x the time (LAYOUTS_FASTEST_FIRST).
-    wanted = min(dataset_rows, max(min_ensemble_instance_rows, MIN_INSTANCE_ROWS))
-    sized_for = next((lay for lay in LAYOUTS_FASTEST_FIRST if max_rows_with(*lay) >= wanted), LAYOUTS_FASTEST_FIRST[-1])
+    sized_for = next((lay for lay in LAYOUTS_FASTEST_FIRST if qualifies(*lay)), LAYOUTS_FASTEST_FIRST[-1])
     max_rows = max_rows_with(*sized_for)
     # XGBoost external memory keeps the binned rows on disk: RAM holds per-row gradients and
     # predictions, the histograms and one raw batch (its bin sample is capped to the batch's

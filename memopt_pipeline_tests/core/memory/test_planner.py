@@ -217,3 +217,17 @@ def test_the_plan_records_its_choice_and_follows_the_quality_rule():
     payload = ensemble.to_dict()
     del payload["choice"]
     assert type(ensemble).from_dict(payload).choice == ""
+
+
+def test_a_fast_layout_is_not_bought_with_instances_below_the_quality_rule():
+    # 400k rows x 338 at 1 GiB: row-wise layouts hold ~340k rows, so 2 instances of 200k rows,
+    # below the 250k the quality rule wants; one instance of all rows with folds cut,
+    # column-wise, holds them all: that is the plan, not two small instances (nor external memory).
+    shape = dict(n_features=338, n_classes=3, budget_bytes=1 * GiB, baseline_bytes=int(0.39 * GiB))
+    plan = make_plan(dataset_rows=400_000, min_ensemble_instance_rows=250_000, **shape)
+    assert plan.strategy == "in_memory" and plan.instances_needed(400_000) == 1
+    assert plan.instance_layout == "folds cut from the instance binned once; column-wise histograms"
+    assert plan.lightgbm_layout(400_000).predicted_peak <= plan.budget_bytes * plan.safety
+    # With the rule off, the fastest layout wins and the rows split in two.
+    fast = make_plan(dataset_rows=400_000, min_ensemble_instance_rows=0, **shape)
+    assert fast.instance_layout.endswith("row-wise histograms") and fast.instances_needed(400_000) == 2
