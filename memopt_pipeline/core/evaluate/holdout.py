@@ -119,7 +119,7 @@ def evaluate_holdout(
     # Each list is dropped once concatenated, so that the rows are held once, not twice.
     labels, proba, gene_index = (_concatenate_and_clear(parts) for parts in (labels_parts, proba_parts, gene_parts))
     uncalibrated = _concatenate_and_clear(uncalibrated_parts)
-    precomputed = None
+    precomputed = None  # the per-member pass's probabilities, now copied into proba / uncalibrated
     metrics = multiclass_metrics(labels, proba, metadata.classes, genes=gene_index, checkpoint=checkpoint)
     del gene_index
     uncalibrated_metrics = multiclass_metrics(labels, uncalibrated, metadata.classes, checkpoint=checkpoint)

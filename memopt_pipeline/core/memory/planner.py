@@ -37,7 +37,12 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from memopt_pipeline.core.memory.strategy import MIN_ENSEMBLE_INSTANCE_ROWS, MIN_INSTANCE_ROWS, choose_strategy
+from memopt_pipeline.core.memory.strategy import (
+    MIN_ENSEMBLE_INSTANCE_ROWS,
+    MIN_INSTANCE_ROWS,
+    choose_strategy,
+    ensemble_split,
+)
 from memopt_pipeline.core.units import GiB, MiB
 
 PER_ROW_STATE_BYTES_PER_CLASS = 24
@@ -346,8 +351,7 @@ def make_plan(
             return True
         if rows < MIN_INSTANCE_ROWS:
             return False
-        per_instance = math.ceil(dataset_rows / math.ceil(dataset_rows / rows))
-        return per_instance >= max(min_ensemble_instance_rows, MIN_INSTANCE_ROWS)
+        return ensemble_split(dataset_rows, rows)[1] >= max(min_ensemble_instance_rows, MIN_INSTANCE_ROWS)
 
     # Instances are sized for the fastest layout that keeps them as large as the quality rule
     # wants (or holds all rows): more, smaller instances train every row once all the same,

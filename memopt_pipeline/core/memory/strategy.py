@@ -21,6 +21,13 @@ MIN_ENSEMBLE_INSTANCE_ROWS = 250_000
 EXTERNAL_MEMORY_TIME_FACTOR = 1.65
 
 
+def ensemble_split(dataset_rows: int, max_rows: int) -> tuple[int, int]:
+    """(instances, rows per instance) when ``dataset_rows`` rows are split into instances of at
+    most ``max_rows`` (> 0) rows each."""
+    k = math.ceil(dataset_rows / max_rows)
+    return k, math.ceil(dataset_rows / k)
+
+
 def choose_strategy(
     *, dataset_rows: int, max_rows: int, external_fits: bool, min_ensemble_instance_rows: int = MIN_ENSEMBLE_INSTANCE_ROWS
 ) -> tuple[str, str]:
@@ -44,8 +51,7 @@ def choose_strategy(
             f"no in-memory instance of {MIN_INSTANCE_ROWS:,} rows fits the budget; one external-memory model of all rows "
             f"({slower})" if external_fits else "neither an in-memory instance nor external memory fits the budget"
         )
-    k = math.ceil(dataset_rows / max_rows)
-    per_instance = math.ceil(dataset_rows / k)
+    k, per_instance = ensemble_split(dataset_rows, max_rows)
     ensemble = f"{k} in-memory instances of about {per_instance:,} rows"
     if per_instance >= min_ensemble_instance_rows:
         rule = f"at least {min_ensemble_instance_rows:,} rows per instance" if min_ensemble_instance_rows else "rule off"

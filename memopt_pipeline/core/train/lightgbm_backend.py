@@ -290,7 +290,7 @@ class LightGBMBackend:
         )
 
     def close(self) -> None:
-        self._reference = self._full_set = self._row_folds = None
+        self._reference = self._full_set = self._row_folds = self._held_out = None
 
 
 def train_instance(
